@@ -1,0 +1,60 @@
+"""The Redis layout of a user's recent behaviour, shared by the loader and the service.
+
+Layout (documented in README.md, "Sessions in Redis"):
+
+* key ``{prefix}:session:{user_id}`` is a Redis LIST, oldest behaviour first;
+* each element is ``"{timestamp}|{item_id}"``: the Unix time in seconds (a float written
+  with ``repr``) and the raw item id as a string; ``|`` splits at its first occurrence, so
+  item ids may contain ``|``;
+* the list is capped at ``max_len`` elements (``RPUSH`` then ``LTRIM -max_len -1`` in one
+  transaction), so the newest behaviours survive.
+
+Values are parsed strictly: an element that does not match the layout is skipped and
+counted, never evaluated.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+DEFAULT_PREFIX = "t2diff"
+DEFAULT_MAX_LEN = 200
+MAX_ID_LENGTH = 128
+
+
+def session_key(user_id: str, prefix: str = DEFAULT_PREFIX) -> str:
+    return f"{prefix}:session:{user_id}"
+
+
+def encode_event(item_id: str, timestamp: float) -> str:
+    return f"{float(timestamp)!r}|{item_id}"
+
+
+@dataclass
+class Session:
+    """A user's behaviours, oldest first, as parallel lists."""
+
+    item_ids: list[str] = field(default_factory=list)
+    timestamps: list[float] = field(default_factory=list)
+    malformed: int = 0
+
+    def __len__(self) -> int:
+        return len(self.item_ids)
+
+
+def decode_session(raw: list[bytes | str]) -> Session:
+    session = Session()
+    for element in raw:
+        text = element.decode("utf-8", "replace") if isinstance(element, bytes) else element
+        stamp, sep, item_id = text.partition("|")
+        try:
+            value = float(stamp)
+        except ValueError:
+            value = math.nan
+        if not sep or not item_id or not math.isfinite(value) or len(item_id) > MAX_ID_LENGTH:
+            session.malformed += 1
+            continue
+        session.item_ids.append(item_id)
+        session.timestamps.append(value)
+    return session

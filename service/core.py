@@ -1,0 +1,157 @@
+"""Recall logic in plain Python: sessions in, ranked item ids out.
+
+No web framework here, so the same engine serves the HTTP app, the benchmarks and tests.
+Blocking (ONNX Runtime, FAISS): callers on an event loop run it in a worker thread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from contracts.manifest import ArtifactError
+from contracts.sessions import Session
+
+if TYPE_CHECKING:
+    from index_builder.loaded import LoadedIndex
+    from service.tower import UserTowerRunner
+
+
+@dataclass(frozen=True)
+class RecallRequest:
+    user_id: str
+    k: int
+    exclude_seen: bool = True
+
+
+@dataclass(frozen=True)
+class RecallItem:
+    item_id: str
+    score: float
+
+
+@dataclass
+class RecallResult:
+    user_id: str
+    items: list[RecallItem] = field(default_factory=list)
+    model_version: str = ""
+    index_version: str = ""
+    # True when the user had no known behaviour and got the popularity fallback.
+    cold_start: bool = False
+
+
+class RecallEngine:
+    """A user tower and an item index built from the same model export."""
+
+    def __init__(
+        self, tower: UserTowerRunner, index: LoadedIndex, nprobe: int | None = None
+    ) -> None:
+        self.tower = tower
+        self.index = index
+        self.nprobe = nprobe
+        manifest: dict[str, Any] = index.manifest
+        # An index of another model version scores user vectors against item vectors of a
+        # different embedding space: results would look plausible and be garbage, so refuse.
+        index_model = str(manifest.get("model_version"))
+        if index_model != tower.model_version:
+            raise ArtifactError(
+                f"index {index.version} was built from model {index_model}, "
+                f"the user tower is model {tower.model_version}"
+            )
+        if manifest.get("embedding_dim") != tower.embedding_dim:
+            raise ArtifactError(
+                f"index embedding_dim {manifest.get('embedding_dim')} != "
+                f"tower embedding_dim {tower.embedding_dim}"
+            )
+        if list(index.item_ids) != tower.item_ids:
+            raise ArtifactError("index item ids differ from the export's item_ids.json")
+        self.model_version = tower.model_version
+        self.index_version = str(manifest.get("index_version", index.version))
+        self._item_ids = tower.item_ids
+
+    def recall_batch(
+        self, requests: Sequence[RecallRequest], sessions: Sequence[Session], now: float
+    ) -> list[RecallResult]:
+        """One result per request, in order; ``sessions[i]`` belongs to ``requests[i]``.
+
+        Users with at least one known item are embedded as one batch and searched with one
+        FAISS call; the others get the most popular items, flagged ``cold_start``.
+        """
+        if len(requests) != len(sessions):
+            raise ValueError("requests and sessions differ in length")
+        results: list[RecallResult | None] = [None] * len(requests)
+        warm: list[int] = []
+        tokens: list[list[int]] = []
+        stamps: list[list[float]] = []
+        for i, (request, session) in enumerate(zip(requests, sessions, strict=True)):
+            if request.k <= 0:
+                raise ValueError(f"k must be positive, got {request.k}")
+            user_tokens, user_stamps = self.tower.tokens_and_times(session)
+            if user_tokens:
+                warm.append(i)
+                tokens.append(user_tokens)
+                stamps.append(user_stamps)
+            else:
+                results[i] = self._cold_start(request)
+        if warm:
+            for i, result in zip(warm, self._search(requests, warm, tokens, stamps, now),
+                                 strict=True):
+                results[i] = result
+        return [r for r in results if r is not None]
+
+    def _search(
+        self,
+        requests: Sequence[RecallRequest],
+        warm: list[int],
+        tokens: list[list[int]],
+        stamps: list[list[float]],
+        now: float,
+    ) -> list[RecallResult]:
+        queries = self.tower.embed_tokens(tokens, stamps, now)
+        k_max = max(requests[i].k for i in warm)
+        if any(requests[i].exclude_seen for i in warm):
+            # Seen rows cover the whole stored session, not only the model's window: the
+            # user has interacted with them, whichever part the tower looked at.
+            exclude = [
+                {t - 1 for t in user_tokens} if requests[i].exclude_seen else set()
+                for i, user_tokens in zip(warm, tokens, strict=True)
+            ]
+            scores, rows = self.index.search_excluding(
+                queries, k_max, exclude, nprobe=self.nprobe
+            )
+        else:
+            scores, rows = self.index.search(queries, k_max, nprobe=self.nprobe)
+        out: list[RecallResult] = []
+        for position, i in enumerate(warm):
+            request = requests[i]
+            row_scores, row_ids = scores[position], rows[position]
+            keep = row_ids >= 0  # -1: fewer than k candidates in the probed lists
+            items = [
+                RecallItem(self._item_ids[int(r)], float(s))
+                for r, s in zip(row_ids[keep][: request.k], row_scores[keep][: request.k],
+                                strict=True)
+            ]
+            out.append(self._result(request, items, cold_start=False))
+        return out
+
+    def _cold_start(self, request: RecallRequest) -> RecallResult:
+        # Score = the item's share of interactions, so cold-start scores are comparable
+        # across versions and obviously not inner products.
+        rows = self.tower.popular_rows[: request.k]
+        share = self.tower.popularity_share
+        items = [RecallItem(self._item_ids[int(r)], float(share[r])) for r in rows]
+        return self._result(request, items, cold_start=True)
+
+    def _result(
+        self, request: RecallRequest, items: list[RecallItem], cold_start: bool
+    ) -> RecallResult:
+        return RecallResult(
+            user_id=request.user_id,
+            items=items,
+            model_version=self.model_version,
+            index_version=self.index_version,
+            cold_start=cold_start,
+        )

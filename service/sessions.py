@@ -1,0 +1,167 @@
+"""Users' recent behaviours in Redis (layout: ``contracts.sessions``).
+
+* :class:`SessionStore` is the service's asynchronous reader/writer, over ``redis.asyncio``
+  with a bounded, blocking connection pool and tight timeouts, so a slow or dead Redis turns
+  into a fast error rather than piling up connections or stalling requests.
+* :func:`load_sessions_from_sequences` is the synchronous bulk loader behind
+  ``t2diff sessions load``: it writes each user's newest behaviours from a training log.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import redis
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from contracts.sessions import DEFAULT_PREFIX, Session, decode_session, encode_event, session_key
+
+if TYPE_CHECKING:  # model.data needs pandas, which a serving install may not have.
+    from model.data import SequenceData
+
+    from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class SessionStore:
+    """Read and append users' sessions; one instance per process, shared by all requests.
+
+    Must be created inside the event loop that uses it (the app's lifespan): the pool's
+    connections and condition variable belong to that loop.
+    """
+
+    def __init__(
+        self,
+        redis_url: str,
+        prefix: str = DEFAULT_PREFIX,
+        timeout_ms: int = 50,
+        connect_timeout_ms: int = 200,
+        pool_timeout_ms: int = 50,
+        max_connections: int = 32,
+        retries: int = 1,
+    ) -> None:
+        self.prefix = prefix
+        # BlockingConnectionPool: at most max_connections sockets, and a request that finds
+        # none free waits pool_timeout_ms then fails (the default pool raises immediately or,
+        # unbounded, opens sockets until Redis refuses).
+        self._pool = aioredis.BlockingConnectionPool.from_url(
+            redis_url,
+            max_connections=max_connections,
+            timeout=pool_timeout_ms / 1000,
+            socket_timeout=timeout_ms / 1000,
+            socket_connect_timeout=connect_timeout_ms / 1000,
+            # One immediate retry covers a pooled connection that Redis closed while idle;
+            # redis-py's default (3 retries with backoff) would multiply the timeouts.
+            retry=Retry(NoBackoff(), retries),
+        )
+        self._client = aioredis.Redis(connection_pool=self._pool)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> SessionStore:
+        return cls(
+            settings.redis_url,
+            prefix=settings.redis_prefix,
+            timeout_ms=settings.redis_timeout_ms,
+            connect_timeout_ms=settings.redis_connect_timeout_ms,
+            pool_timeout_ms=settings.redis_pool_timeout_ms,
+            max_connections=settings.redis_max_connections,
+        )
+
+    def key(self, user_id: str) -> str:
+        return session_key(user_id, self.prefix)
+
+    async def get_sessions(self, user_ids: Sequence[str], max_len: int) -> list[Session]:
+        """The newest ``max_len`` behaviours of each user (oldest first), one round trip."""
+        if not user_ids:
+            return []
+        # No MULTI: reads of independent keys need no atomicity, only one round trip.
+        async with self._client.pipeline(transaction=False) as pipe:
+            for user_id in user_ids:
+                pipe.lrange(self.key(user_id), -max_len, -1)
+            raw_lists = await pipe.execute()
+        sessions = [decode_session(raw) for raw in raw_lists]
+        malformed = sum(s.malformed for s in sessions)
+        if malformed:
+            log.warning("skipped %d malformed session element(s)", malformed)
+        return sessions
+
+    async def append(
+        self, user_id: str, events: Sequence[tuple[str, float]], max_len: int
+    ) -> int:
+        """Append ``(item_id, timestamp)`` events (oldest first) and cap the list.
+
+        RPUSH and LTRIM run in one MULTI transaction so a reader never sees the list over
+        its cap.  Returns the list's length after the push (before the trim).
+        """
+        if not events:
+            return 0
+        key = self.key(user_id)
+        async with self._client.pipeline(transaction=True) as pipe:
+            pipe.rpush(key, *(encode_event(item_id, ts) for item_id, ts in events))
+            pipe.ltrim(key, -max_len, -1)
+            pushed, _ = await pipe.execute()
+        return int(pushed)
+
+    async def ping(self) -> bool:
+        return bool(await self._client.ping())
+
+    async def close(self) -> None:
+        await self._client.aclose()
+        await self._pool.disconnect()
+
+
+def load_sessions_from_sequences(
+    redis_url: str,
+    data: SequenceData,
+    prefix: str = DEFAULT_PREFIX,
+    max_len: int = 200,
+    batch_users: int = 500,
+    replace: bool = True,
+) -> int:
+    """Write every user's newest ``max_len`` behaviours of ``data`` to Redis.
+
+    With ``replace`` a user's list is deleted first (the log is the truth); otherwise the
+    behaviours are appended and the list capped.  Users go in batches of ``batch_users``,
+    each batch one MULTI transaction: one round trip, and no reader sees a user's list
+    deleted but not yet refilled.  Returns the number of users written.
+    """
+    if max_len <= 0 or batch_users <= 0:
+        raise ValueError("max_len and batch_users must be positive")
+    if data.items.size and int(data.items.min()) < 1:
+        raise ValueError("SequenceData.items holds a padding token (0); tokens are 1..n_items")
+    item_ids = [str(item) for item in data.item_ids]
+    offsets = data.offsets
+    written = 0
+    client = redis.Redis.from_url(redis_url)
+    try:
+        for first in range(0, data.n_users, batch_users):
+            with client.pipeline(transaction=True) as pipe:
+                queued = 0
+                for user in range(first, min(first + batch_users, data.n_users)):
+                    start, end = int(offsets[user]), int(offsets[user + 1])
+                    start = max(start, end - max_len)
+                    key = session_key(str(data.user_ids[user]), prefix)
+                    if replace:
+                        pipe.delete(key)
+                    if end <= start:
+                        continue
+                    values = [
+                        encode_event(item_ids[int(token) - 1], float(ts))
+                        for token, ts in zip(
+                            data.items[start:end], data.timestamps[start:end], strict=True
+                        )
+                    ]
+                    pipe.rpush(key, *values)
+                    if not replace:
+                        pipe.ltrim(key, -max_len, -1)
+                    queued += 1
+                pipe.execute()
+            written += queued
+    finally:
+        client.close()
+    return written
