@@ -16,6 +16,7 @@ half a version and a version is never written over an older one.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -54,25 +55,35 @@ MIN_POINTS_PER_LIST = 39
 MIN_PQ_TRAIN_POINTS = 16
 #: Keep the raw float vectors (``Refine(Flat)``, 4*d bytes/item, exact re-scoring) while
 #: they fit in this many bytes; above it use ``Refine(SQ8)`` (d bytes/item, ~exact).
-FLAT_REFINE_MAX_BYTES = 256 << 20
+FLAT_REFINE_MAX_BYTES = 128 << 20
 #: Training points per inverted list used when subsampling a large corpus (FAISS's own
 #: k-means caps at 256 per centroid; 64 is plenty for centroid quality and 4x faster).
 TRAIN_POINTS_PER_LIST = 64
 MIN_TRAIN_POINTS = 100_000
+#: :func:`default_nprobe` probes enough lists to scan about this many codes ...
+MIN_SCANNED_ITEMS = 2048
+#: ... but never more than this many lists by default.
+MAX_DEFAULT_NPROBE = 256
+#: The refine shortlist is sized for at least a top-``SHORTLIST_MIN_K`` search.
+SHORTLIST_MIN_K = 100
+#: Largest refine ``k_factor`` that tuning goes to.
+MAX_K_FACTOR = 64
+#: Recall@100 that :func:`build_from_artifacts` tunes ``nprobe`` for (when not given).
+TARGET_RECALL = 0.95
 
 _IVF_RE = re.compile(r"IVF(\d+)")
 
 
 def _pq_subquantizers(dim: int) -> int:
-    """The divisor of ``dim`` closest to ``dim / 2`` (the larger one on a tie).
+    """The smallest divisor of ``dim`` that is >= ``dim / 2`` (``dim / 2`` for an even dim).
 
-    ``M = dim / 2`` gives 2 dimensions per 4-bit sub-quantiser (1 bit per dimension's worth of
-    code, ``dim / 4`` bytes per vector), enough for the PQ stage to shortlist candidates for
-    the refine stage.  ``M`` must divide ``dim``; for an odd or prime ``dim`` the nearest
-    divisor is taken, rounding up on a tie because finer codes only cost memory.
+    ``M = dim / 2`` gives 2 dimensions per 4-bit sub-quantiser (``dim / 4`` bytes per
+    vector), enough for the PQ stage to shortlist candidates for the refine stage.  ``M``
+    must divide ``dim``; rounding up for an odd ``dim`` never degenerates (a prime ``dim``
+    gets ``M = dim``, one dimension per sub-quantiser, rather than a single 16-centroid
+    codebook for the whole vector).
     """
-    divisors = [m for m in range(1, dim + 1) if dim % m == 0]
-    return min(divisors, key=lambda m: (abs(m - dim / 2), -m))
+    return min(m for m in range(1, dim + 1) if dim % m == 0 and 2 * m >= dim)
 
 
 def default_nlist(n_items: int) -> int:
@@ -95,17 +106,21 @@ def default_factory(n_items: int, dim: int) -> str:
 
     * ``IVF{nlist}``: ``nlist = min(4 * sqrt(N), N // 39)``, see :func:`default_nlist`
       (e.g. 2 at N=100, 76 at N=3000, 4000 at N=1e6).
-    * ``PQ{M}x4fs``: 4-bit fast-scan PQ with ``M`` the divisor of ``dim`` nearest ``dim/2``
+    * ``PQ{M}x4fs``: 4-bit fast-scan PQ with ``M = dim/2`` (rounded up to a divisor of dim)
       (``dim/4`` bytes/item).  Fast-scan keeps the 16-entry look-up tables in SIMD registers,
       several times faster than 8-bit PQ per code; its coarser codes are only used to build a
       shortlist, so their error is corrected by the refine stage.
-    * ``Refine(Flat)`` while the raw float32 vectors take <= 256 MiB (exact re-scoring of
-      the shortlist, e.g. up to 1M items at d=64), else ``Refine(SQ8)`` (8-bit scalar
-      quantised vectors, ``dim`` bytes/item, re-scoring error far below the ranking gaps).
+    * ``Refine(Flat)`` while the raw float32 vectors take <= 128 MiB (exact re-scoring of
+      the shortlist, e.g. up to 524k items at d=64), else ``Refine(SQ8)`` (8-bit scalar
+      quantised vectors, ``dim`` bytes/item instead of ``4 * dim``, re-scoring error far
+      below the gaps between neighbours' scores).
 
     The project's spec asks for IVF-PQ; with :func:`default_nprobe` and
     :func:`default_k_factor` it reaches recall@100 >= 0.95 against exact search on clustered
-    data (measured in ``tests/test_index_builder.py`` and recorded in each build's manifest).
+    data: measured (FAISS 1.15, sampled queries) 0.97-1.00 at N=1k-100k, d=32/64, and
+    0.94-0.97 at N=1M, d=64, where the build's tuning raised ``k_factor`` to 16 on the
+    densest clusters.  Weakly clustered data needs a larger ``nprobe``, which
+    :func:`build_from_artifacts` finds (:func:`tune_search_params`) and records.
     """
     if dim < 1:
         raise ValueError("dim must be >= 1")
@@ -122,35 +137,41 @@ def factory_nlist(factory: str) -> int | None:
 
 
 def default_nprobe(n_items: int, factory: str) -> int:
-    """Lists probed per query: ``max(8, nlist / 8)`` but at most ``256`` and ``nlist``.
+    """Lists probed per query: 1/8 of them, at least ~2048 items' worth, at most 256 lists.
 
-    With ``~4 sqrt(N)`` lists a query's top-100 neighbours spread over many lists (the
-    boundary effect in ``d`` dimensions is large), so probing 1/8 of the lists on small and
-    medium corpora and up to 256 lists on large ones is what it takes for recall@100 >= 0.95
-    on clustered data.  The cost is ``nprobe * N / nlist`` fast-scan codes per query, i.e.
-    ~1/8 of the corpus for small N (cheap in absolute terms) and ``256 / (4 sqrt(N))`` of it
-    for large N (1.6% at N=1e6).  Tune it per build with ``build_from_artifacts(nprobe=...)``.
+    With ``~4 sqrt(N)`` lists a query's top-100 neighbours spread over many lists (list
+    boundaries cut clusters in ``d`` dimensions), so on clustered data probing 1/8 of the
+    lists is what recall@100 >= 0.95 takes for N >= ~20k.  Small corpora probe enough
+    lists to scan ~:data:`MIN_SCANNED_ITEMS` codes (up to all of them): that costs
+    microseconds and buys the recall a few dozen lists can't give.  Large corpora stop at
+    256 lists (6% of the corpus scanned at N=1e6).  This is only the starting point:
+    :func:`build_from_artifacts` checks it on held-out queries and doubles it until the
+    target recall is met (:func:`tune_search_params`).
     """
     nlist = factory_nlist(factory)
     if nlist is None:
         return 1
-    return int(min(nlist, max(8, min(256, math.ceil(nlist / 8)))))
+    fraction = max(1 / 8, min(1.0, MIN_SCANNED_ITEMS / max(n_items, 1)))
+    return int(min(nlist, max(1, min(MAX_DEFAULT_NPROBE, math.ceil(nlist * fraction)))))
 
 
 def default_k_factor(factory: str) -> int:
     """Shortlist multiplier of the refine stage: ``k * k_factor`` candidates are re-scored.
 
-    4-bit PQ codes order near neighbours only roughly, so the refine stage re-scores 4x more
-    candidates than asked for; 1 for a factory without a refine stage.
+    4-bit PQ codes order near neighbours only roughly: on clustered data (N <= 100k)
+    re-scoring 4x the top-100 loses up to 2% of the exact top-100, 8x well under 1%.  Very
+    dense clusters (1M items) can need 16-32x, which :func:`tune_search_params` finds.
+    Searches re-score ``k_factor * max(k, 100)`` candidates (:func:`shortlist_k_factor`).
+    1 for a factory without a refine stage.
     """
-    return 4 if "Refine" in factory else 1
+    return 8 if "Refine" in factory else 1
 
 
 def _as_index(index: Any) -> Any:
     return faiss.downcast_index(index)
 
 
-def set_search_params(index: faiss.Index, nprobe: int, k_factor: int) -> None:
+def set_search_params(index: faiss.Index, nprobe: int, k_factor: float) -> None:
     """Set ``nprobe`` on the IVF part and ``k_factor`` on the refine part of ``index``.
 
     This mutates the index, so it is for offline use (building, benchmarking) or to bake
@@ -167,48 +188,50 @@ def set_search_params(index: faiss.Index, nprobe: int, k_factor: int) -> None:
     ivf.nprobe = int(min(nprobe, ivf.nlist))
 
 
+def shortlist_k_factor(k: int, k_factor: float, min_k: int = SHORTLIST_MIN_K) -> float:
+    """The refine ``k_factor`` for a top-``k`` search: ``k_factor * max(k, min_k) / k``.
+
+    The refine stage re-scores ``k_factor * max(k, min_k)`` candidates: 4-bit PQ orders close
+    neighbours only roughly, so a top-10 search with a shortlist of 10 * k_factor misses
+    true neighbours that the top-100 shortlist (which the build tunes and measures)
+    catches.  Re-scoring a few hundred extra vectors costs ~0.1 ms.  FAISS takes a float
+    ``k_factor``, so no rounding is needed.
+    """
+    return float(k_factor) * max(k, min_k) / max(k, 1)
+
+
 def make_search_params(
     index: faiss.Index,
     nprobe: int,
-    k_factor: int,
+    k_factor: float,
     sel: faiss.IDSelector | None = None,
-) -> tuple[faiss.SearchParameters, list[Any]]:
+) -> faiss.SearchParameters:
     """Per-call search parameters for ``index`` (nprobe, k_factor, optional ID selector).
 
     Passing these to ``index.search(..., params=...)`` leaves the shared index untouched,
     so concurrent searches with different settings don't race.  Handles Refine, PreTransform
     and IVF indexes (recursively).  The selector goes to the IVF/base level where the
-    candidates are generated: the refine stage only re-scores candidates.
-
-    Returns the parameters and the list of every SWIG object they point to: keep that list
-    alive for the duration of the search (the C++ structs hold raw pointers).
+    candidates are generated: the refine stage only re-scores candidates.  FAISS's Python
+    wrapper keeps the sub-objects (base parameters, selector) alive with the parameters.
     """
-    keep: list[Any] = []
 
     def build(idx: Any) -> faiss.SearchParameters:
         idx = _as_index(idx)
         if isinstance(idx, faiss.IndexRefine):
-            base = build(idx.base_index)
-            params = faiss.IndexRefineSearchParameters(
-                k_factor=float(k_factor), base_index_params=base
+            return faiss.IndexRefineSearchParameters(
+                k_factor=float(k_factor), base_index_params=build(idx.base_index)
             )
-        elif isinstance(idx, faiss.IndexPreTransform):
-            inner = build(idx.index)
-            params = faiss.SearchParametersPreTransform(index_params=inner)
-        elif isinstance(idx, faiss.IndexIVF):
+        if isinstance(idx, faiss.IndexPreTransform):
+            return faiss.SearchParametersPreTransform(index_params=build(idx.index))
+        if isinstance(idx, faiss.IndexIVF):
             params = faiss.SearchParametersIVF(nprobe=int(min(max(nprobe, 1), idx.nlist)))
-            if sel is not None:
-                params.sel = sel
         else:
             params = faiss.SearchParameters()
-            if sel is not None:
-                params.sel = sel
-        keep.append(params)
+        if sel is not None:
+            params.sel = sel
         return params
 
-    if sel is not None:
-        keep.append(sel)
-    return build(index), keep
+    return build(index)
 
 
 def _training_set(embeddings: np.ndarray, nlist: int | None, seed: int) -> np.ndarray:
@@ -266,6 +289,9 @@ def _seed_clustering(index: faiss.Index, seed: int) -> None:
     pq = getattr(_as_index(ivf), "pq", None)
     if pq is not None:
         pq.cp.seed = seed
+        # Small corpora train the 16-centroid codebooks on < 39*16 points on purpose (the
+        # refine stage corrects the codes); don't let k-means print a warning per codebook.
+        pq.cp.min_points_per_centroid = 1
 
 
 def sample_queries(embeddings: np.ndarray, n: int, seed: int) -> np.ndarray:
@@ -292,7 +318,9 @@ def sample_queries(embeddings: np.ndarray, n: int, seed: int) -> np.ndarray:
     return queries
 
 
-def exact_topk(embeddings: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def exact_topk(
+    embeddings: np.ndarray, queries: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Exact inner-product top-``k`` (scores, rows) by brute force (``IndexFlatIP``)."""
     embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
     flat = faiss.IndexFlatIP(embeddings.shape[1])
@@ -306,7 +334,7 @@ def recall_at_k(
     queries: np.ndarray,
     k: int,
     nprobe: int,
-    k_factor: int,
+    k_factor: float,
     exact_rows: np.ndarray | None = None,
 ) -> float:
     """Mean ``|ANN top-k ∩ exact top-k| / k`` over ``queries`` (``k`` capped at N).
@@ -318,13 +346,62 @@ def recall_at_k(
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     if exact_rows is None:
         _, exact_rows = exact_topk(embeddings, queries, k)
-    params, keep = make_search_params(index, nprobe, k_factor)
+    params = make_search_params(index, nprobe, shortlist_k_factor(k, k_factor))
     _, ann_rows = index.search(queries, k, params=params)
-    del keep
     hits = 0
     for ann, exact in zip(ann_rows, exact_rows[:, :k], strict=True):
         hits += len(np.intersect1d(ann[ann >= 0], exact))
     return hits / (k * len(queries))
+
+
+def tune_search_params(
+    index: faiss.Index,
+    embeddings: np.ndarray,
+    queries: np.ndarray,
+    k: int,
+    nprobe: int,
+    k_factor: int,
+    target: float,
+    exact_rows: np.ndarray | None = None,
+    fixed_nprobe: bool = False,
+) -> tuple[int, int, float]:
+    """Raise ``nprobe`` and/or ``k_factor`` until recall@``k`` on ``queries`` reaches ``target``.
+
+    The static defaults assume well-clustered embeddings; what a model's embeddings need
+    depends on the model: neighbours spread over more lists (needs ``nprobe``) or many items
+    with nearly equal scores (needs a longer refine shortlist, ``k_factor``).  Each round
+    tries doubling either and keeps whichever gains more recall, until the target is met or
+    both are at their maximum (all lists, :data:`MAX_K_FACTOR`); ``fixed_nprobe`` only
+    tunes ``k_factor``.  Returns ``(nprobe, k_factor, recall)``.
+    """
+    nlist = _ivf_nlist(index)
+    has_refine = isinstance(_as_index(index), faiss.IndexRefine)
+    k = min(k, embeddings.shape[0])
+    if exact_rows is None:
+        _, exact_rows = exact_topk(embeddings, queries, k)
+
+    def measure(setting: tuple[int, int]) -> float:
+        return recall_at_k(index, embeddings, queries, k, setting[0], setting[1], exact_rows)
+
+    best = (max(1, min(nprobe, nlist)), int(k_factor))
+    recall = measure(best)
+    while recall < target:
+        options = []
+        if best[0] < nlist and not fixed_nprobe:
+            options.append((min(nlist, best[0] * 2), best[1]))
+        if has_refine and best[1] < MAX_K_FACTOR:
+            options.append((best[0], min(MAX_K_FACTOR, best[1] * 2)))
+        if not options:
+            break
+        recall, best = max((measure(option), option) for option in options)
+    return best[0], best[1], recall
+
+
+def _ivf_nlist(index: faiss.Index) -> int:
+    try:
+        return int(faiss.extract_index_ivf(index).nlist)
+    except RuntimeError:  # not an IVF index: nprobe is meaningless
+        return 1
 
 
 def _load_npy(path: Path, name: str) -> np.ndarray:
@@ -427,6 +504,7 @@ def build_from_artifacts(
     n_queries: int = 1000,
     seed: int = 0,
     index_version: str | None = None,
+    target_recall: float | None = TARGET_RECALL,
 ) -> dict[str, Any]:
     """Build, evaluate and atomically write an index version from a user-tower export.
 
@@ -439,6 +517,13 @@ def build_from_artifacts(
 
     Raises :class:`FileExistsError` if ``out_dir`` exists and is not empty (checked before
     and at the rename), so an old version is never modified.  Returns the manifest.
+
+    When ``nprobe`` is None it starts at :func:`default_nprobe` (and ``k_factor`` at
+    :func:`default_k_factor`) and, unless ``target_recall`` is None, both are raised
+    (:func:`tune_search_params`) until recall@100 on a separate set of tuning queries
+    reaches ``target_recall``; an explicit ``nprobe`` is kept as given, only ``k_factor``
+    is tuned then.  The reported recalls are measured on other queries, so they are not
+    flattered by the tuning.
     """
     artifacts_dir = Path(artifacts_dir)
     out_dir = Path(out_dir)
@@ -446,27 +531,48 @@ def build_from_artifacts(
     manifest_in, embeddings, _, user_queries = load_artifacts(artifacts_dir)
     n_items, dim = embeddings.shape
     factory = factory or default_factory(n_items, dim)
-    nprobe = int(nprobe) if nprobe is not None else default_nprobe(n_items, factory)
     k_factor = default_k_factor(factory)
 
     started = time.perf_counter()
     index = build_index(embeddings, factory, seed=seed)
     build_seconds = time.perf_counter() - started
 
+    rng = np.random.default_rng(seed + 1)
     if user_queries is not None:
         source = "user_embeddings"
-        queries = user_queries
-        if len(queries) > n_queries:
-            rng = np.random.default_rng(seed + 1)
-            queries = queries[np.sort(rng.choice(len(queries), n_queries, replace=False))]
+        # Disjoint halves for tuning and for reporting (the same rows if there is only one).
+        perm = rng.permutation(len(user_queries))
+        half = len(perm) // 2 if len(perm) > 1 else 1
+        tune_queries = user_queries[np.sort(perm[:half][:n_queries])]
+        queries = user_queries[np.sort(perm[-half:][:n_queries])]
     else:
         source = "sampled"
+        tune_queries = sample_queries(embeddings, n_queries, seed + 2)
         queries = sample_queries(embeddings, n_queries, seed + 1)
     k10, k100 = min(10, n_items), min(100, n_items)
+
+    nprobe_default = default_nprobe(n_items, factory)
+    fixed_nprobe = nprobe is not None
+    nprobe = int(nprobe) if nprobe is not None else nprobe_default
+    if target_recall is not None:
+        nprobe, k_factor, _ = tune_search_params(
+            index,
+            embeddings,
+            tune_queries,
+            k100,
+            nprobe,
+            k_factor,
+            target_recall,
+            fixed_nprobe=fixed_nprobe,
+        )
+
     _, exact_rows = exact_topk(embeddings, queries, k100)
     recall10 = recall_at_k(index, embeddings, queries, k10, nprobe, k_factor, exact_rows)
     recall100 = recall_at_k(index, embeddings, queries, k100, nprobe, k_factor, exact_rows)
 
+    # Bake the chosen settings into the saved index too, for readers that don't pass
+    # per-call parameters (LoadedIndex does, from the manifest).
+    set_search_params(index, nprobe, k_factor)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
     try:
@@ -481,7 +587,10 @@ def build_from_artifacts(
             "factory": factory,
             "metric": METRIC_NAME,
             "nprobe": nprobe,
+            "nprobe_default": nprobe_default,
+            "target_recall": target_recall,
             "k_factor": k_factor,
+            "shortlist_min_k": SHORTLIST_MIN_K,
             "num_items": int(n_items),
             "embedding_dim": int(dim),
             "model_name": manifest_in["model_name"],
@@ -506,7 +615,11 @@ def build_from_artifacts(
         try:
             os.rename(tmp_dir, out_dir)
         except OSError as exc:
-            raise FileExistsError(f"{out_dir}: cannot move the new version in place ({exc})") from exc
+            if exc.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR):
+                raise FileExistsError(
+                    f"{out_dir} appeared while building and is not empty: not overwritten"
+                ) from exc
+            raise
         _fsync(out_dir.parent)
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)

@@ -58,6 +58,7 @@ def synthesize(
     base_time = 1_700_000_000.0
     for user in range(n_users):
         favourite = int(rng.integers(n_clusters))
+        seen: set[int] = set()
         cluster = favourite
         now = base_time + float(rng.uniform(0, 30 * 86400))
         n_sessions = int(rng.integers(sessions_per_user[0], sessions_per_user[1] + 1))
@@ -67,8 +68,24 @@ def synthesize(
             ranks = np.minimum(rng.zipf(zipf_a, size=1) - 1, len(pool) - 1)
             position = int(ranks[0])
             steps = rng.integers(1, 4, size=length)
-            positions = (position + np.concatenate([[0], np.cumsum(steps[1:])])) % len(pool)
-            items = pool[positions]
+            chosen: list[int] = []
+            for step in steps:
+                # Walk forward through the cluster, skipping items this user already had:
+                # MovieLens-like logs have no repeats, and evaluation excludes seen items.
+                for _ in range(len(pool)):
+                    candidate = int(pool[position % len(pool)])
+                    position += 1
+                    if candidate not in seen:
+                        break
+                else:
+                    break
+                seen.add(candidate)
+                chosen.append(candidate)
+                position += int(step) - 1
+            if not chosen:
+                continue
+            items = np.asarray(chosen)
+            length = len(items)
             gaps = rng.exponential(60.0, size=length) + 1.0
             times = now + np.cumsum(gaps)
             rows_user.append(np.full(length, user))

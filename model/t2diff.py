@@ -65,17 +65,21 @@ class SelfAttentionBlock(nn.Module):
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
         batch, length, dim = x.shape
         head_dim = dim // self.heads
-        q, k, v = self.qkv(self.norm1(x)).chunk(3, dim=-1)
+        q, k, v = self.qkv(self.norm1(x)).chunk(3, dim=2)
 
         def split(t: torch.Tensor) -> torch.Tensor:
             return t.reshape(batch, length, self.heads, head_dim).transpose(1, 2)
 
-        scores = split(q) @ split(k).transpose(-1, -2) / head_dim**0.5
+        scores = split(q) @ split(k).transpose(2, 3) / head_dim**0.5
         scores = scores + (~key_mask)[:, None, None, :].to(scores.dtype) * NEG_INF
-        attn = self.drop(scores.softmax(-1))
+        attn = self.drop(scores.softmax(dim=3))  # explicit axis: the ONNX tracer mis-numbers -1
         out = (attn @ split(v)).transpose(1, 2).reshape(batch, length, dim)
         x = x + self.drop(self.proj(out))
         return x + self.drop(self.ffn(self.norm2(x)))
+
+
+# Dimensions below are written as positive numbers on purpose: torch's ONNX tracer
+# (torch 2.13, dynamo=False) numbers a negative ``dim`` of cat/softmax/chunk wrongly.
 
 
 class T2Diff(SequentialRecommender):
@@ -195,13 +199,13 @@ class T2Diff(SequentialRecommender):
         lag = torch.log1p(batch.time_lag[:, : -cfg.session_len].clamp(min=0))[..., None]
         query = h_s[:, None, :].expand_as(history)
         features = torch.cat(
-            [history, history - query, history * query, query, self.lag_proj(lag / 10.0)], -1
+            [history, history - query, history * query, query, self.lag_proj(lag / 10.0)], dim=2
         )
-        scores = self.din(features).squeeze(-1)
+        scores = self.din(features).squeeze(2)
         scores = scores + (~history_mask).to(scores.dtype) * NEG_INF
-        attn = scores.softmax(-1) * history_mask.to(scores.dtype)
+        attn = scores.softmax(dim=1) * history_mask.to(scores.dtype)
         h_l = (attn[..., None] * history).sum(1)
-        return self.user_ffn(torch.cat([h_l, h_s], dim=-1))
+        return self.user_ffn(torch.cat([h_l, h_s], dim=1))
 
 
 def unet_step(model: T2Diff, zt: torch.Tensor, x: torch.Tensor, t: int) -> torch.Tensor:

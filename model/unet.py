@@ -21,7 +21,7 @@ def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     half = dim // 2
     freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device) / max(half - 1, 1))
     args = t.float()[:, None] * freqs[None, :]
-    return torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
+    return torch.cat([torch.sin(args), torch.cos(args)], dim=1)
 
 
 class ChannelNorm(nn.Module):
@@ -40,9 +40,9 @@ class ConvBlock(nn.Module):
 
     def __init__(self, c_in: int, c_out: int, step_dim: int) -> None:
         super().__init__()
-        self.conv1 = nn.Conv1d(c_in, c_out, 3, padding=1, padding_mode="reflect")
+        self.conv1 = nn.Conv1d(c_in, c_out, 3, padding=1)
         self.norm1 = ChannelNorm(c_out)
-        self.conv2 = nn.Conv1d(c_out, c_out, 3, padding=1, padding_mode="reflect")
+        self.conv2 = nn.Conv1d(c_out, c_out, 3, padding=1)
         self.norm2 = ChannelNorm(c_out)
         self.step_bias = nn.Linear(step_dim, c_out)
         self.skip = nn.Conv1d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
@@ -72,8 +72,8 @@ class UNet1D(nn.Module):
         )
         widths = [width * 2**level for level in range(levels)]
         # First block: its conv1 on [z_t, X] is split into the z half and the X half.
-        self.in_z = nn.Conv1d(dim, widths[0], 3, padding=1, padding_mode="reflect", bias=False)
-        self.in_x = nn.Conv1d(dim, widths[0], 3, padding=1, padding_mode="reflect")
+        self.in_z = nn.Conv1d(dim, widths[0], 3, padding=1, bias=False)
+        self.in_x = nn.Conv1d(dim, widths[0], 3, padding=1)
         self.down = nn.ModuleList()
         self.down.append(ConvBlock(2 * dim, widths[0], step_dim))
         for level in range(1, levels):
@@ -105,6 +105,6 @@ class UNet1D(nn.Module):
         skips.pop()
         for block in self.up:
             skip = skips.pop()
-            h = h.repeat_interleave(2, dim=-1)[..., : skip.shape[-1]]
+            h = h.repeat_interleave(2, dim=2)[:, :, : skip.shape[2]]
             h = block(torch.cat([h, skip], dim=1), step)
         return self.out(h).transpose(1, 2)

@@ -10,13 +10,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from contracts.manifest import ArtifactError
 from contracts.sessions import Session
 
 if TYPE_CHECKING:
     from index_builder.loaded import LoadedIndex
+
     from service.tower import UserTowerRunner
 
 
@@ -97,8 +96,9 @@ class RecallEngine:
             else:
                 results[i] = self._cold_start(request)
         if warm:
-            for i, result in zip(warm, self._search(requests, warm, tokens, stamps, now),
-                                 strict=True):
+            for i, result in zip(
+                warm, self._search(requests, warm, tokens, stamps, now), strict=True
+            ):
                 results[i] = result
         return [r for r in results if r is not None]
 
@@ -119,9 +119,7 @@ class RecallEngine:
                 {t - 1 for t in user_tokens} if requests[i].exclude_seen else set()
                 for i, user_tokens in zip(warm, tokens, strict=True)
             ]
-            scores, rows = self.index.search_excluding(
-                queries, k_max, exclude, nprobe=self.nprobe
-            )
+            scores, rows = self.index.search_excluding(queries, k_max, exclude, nprobe=self.nprobe)
         else:
             scores, rows = self.index.search(queries, k_max, nprobe=self.nprobe)
         out: list[RecallResult] = []
@@ -131,8 +129,9 @@ class RecallEngine:
             keep = row_ids >= 0  # -1: fewer than k candidates in the probed lists
             items = [
                 RecallItem(self._item_ids[int(r)], float(s))
-                for r, s in zip(row_ids[keep][: request.k], row_scores[keep][: request.k],
-                                strict=True)
+                for r, s in zip(
+                    row_ids[keep][: request.k], row_scores[keep][: request.k], strict=True
+                )
             ]
             out.append(self._result(request, items, cold_start=False))
         return out

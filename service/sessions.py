@@ -22,7 +22,6 @@ from contracts.sessions import DEFAULT_PREFIX, Session, decode_session, encode_e
 
 if TYPE_CHECKING:  # model.data needs pandas, which a serving install may not have.
     from model.data import SequenceData
-
     from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -90,9 +89,7 @@ class SessionStore:
             log.warning("skipped %d malformed session element(s)", malformed)
         return sessions
 
-    async def append(
-        self, user_id: str, events: Sequence[tuple[str, float]], max_len: int
-    ) -> int:
+    async def append(self, user_id: str, events: Sequence[tuple[str, float]], max_len: int) -> int:
         """Append ``(item_id, timestamp)`` events (oldest first) and cap the list.
 
         RPUSH and LTRIM run in one MULTI transaction so a reader never sees the list over

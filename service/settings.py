@@ -7,8 +7,9 @@ set from a container's environment: ``T2DIFF_ARTIFACTS_DIR=/models/v3 T2DIFF_NPR
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from contracts.sessions import DEFAULT_MAX_LEN, DEFAULT_PREFIX
@@ -54,7 +55,13 @@ class Settings(BaseSettings):
     # HTTP server.
     host: str = "127.0.0.1"
     port: int = Field(default=8000, gt=0, lt=65536)
-    log_level: str = "info"
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_level(cls, value: object) -> object:
+        # T2DIFF_LOG_LEVEL=INFO and =info both work; uvicorn wants lower case.
+        return value.lower() if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _k_bounds(self) -> Settings:

@@ -49,7 +49,8 @@ def _providers() -> list[str]:
 
 def _required(manifest: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
     value = manifest.get(name)
-    if not isinstance(value, kind) or isinstance(value, bool) and kind is int:
+    # bool is an int subclass, but `true` is never a valid dimension or seed.
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
         raise ArtifactError(f"manifest field {name!r} is missing or not {kind}: {value!r}")
     return value
 
@@ -80,7 +81,9 @@ class UserTowerRunner:
         noise_shape = _required(manifest, "noise_shape", list)
         noise_seed = _required(manifest, "noise_seed", int)
         if not all(isinstance(n, int) and n > 0 for n in noise_shape):
-            raise ArtifactError(f"manifest noise_shape is not a list of positive ints: {noise_shape}")
+            raise ArtifactError(
+                f"manifest noise_shape is not a list of positive ints: {noise_shape}"
+            )
         for name in (USER_TOWER_FILE, ITEM_EMBEDDINGS_FILE, ITEM_IDS_FILE):
             if name not in manifest["files"]:
                 raise ArtifactError(f"{self.artifacts_dir}: manifest does not list {name}")
@@ -105,8 +108,12 @@ class UserTowerRunner:
         self.session = self._open_session(intra_op_threads)
         log.info(
             "user tower %s %s loaded: %d items, d=%d, L=%d, providers=%s",
-            self.model_name, self.model_version, self.num_items, self.embedding_dim,
-            self.max_seq_len, self.session.get_providers(),
+            self.model_name,
+            self.model_version,
+            self.num_items,
+            self.embedding_dim,
+            self.max_seq_len,
+            self.session.get_providers(),
         )
 
     # ------------------------------------------------------------------ loading
@@ -116,11 +123,15 @@ class UserTowerRunner:
             raw = json.loads((self.artifacts_dir / ITEM_IDS_FILE).read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as exc:
             raise ArtifactError(f"{ITEM_IDS_FILE}: unreadable ({exc})") from exc
-        if not isinstance(raw, list) or len(raw) != self.num_items:
+        if (
+            not isinstance(raw, list)
+            or len(raw) != self.num_items
+            or not all(isinstance(item, str) for item in raw)
+        ):
             raise ArtifactError(
-                f"{ITEM_IDS_FILE} must be a list of num_items={self.num_items} ids"
+                f"{ITEM_IDS_FILE} must be a list of num_items={self.num_items} string ids"
             )
-        return [str(item) for item in raw]
+        return raw
 
     def _check_item_table(self) -> None:
         # Only the header is read (mmap): the vectors themselves live in the FAISS index.

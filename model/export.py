@@ -1,0 +1,101 @@
+"""Export a trained run as a versioned user-tower artifact (ONNX + item embeddings).
+
+The user tower, with its fixed T-step reverse process unrolled, becomes one ONNX graph
+following ``contracts.tower``.  The directory gets ``manifest.json`` with checksums of every
+file, so the index builder and the service refuse a corrupted or half-copied export.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from contracts import manifest as mf
+from contracts.tower import INPUT_ITEM_SEQ, INPUT_NOISE, INPUT_TIME_LAG, OUTPUT_USER_EMBEDDING
+from model.base import ExportedTower, SequentialRecommender
+from model.train import load_run
+
+OPSET = 17
+
+
+def export_onnx(model: SequentialRecommender, path: Path, max_seq_len: int) -> None:
+    """Trace ``model``'s user tower (batch axis dynamic) into ``path``."""
+    model = model.cpu().eval()
+    tower = ExportedTower(model)
+    item_seq = torch.ones(2, max_seq_len, dtype=torch.int64)
+    time_lag = torch.zeros(2, max_seq_len, dtype=torch.float32)
+    noise = torch.zeros(model.noise_shape, dtype=torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about Python ints are expected
+        torch.onnx.export(
+            tower,
+            (item_seq, time_lag, noise),
+            str(path),
+            input_names=[INPUT_ITEM_SEQ, INPUT_TIME_LAG, INPUT_NOISE],
+            output_names=[OUTPUT_USER_EMBEDDING],
+            dynamic_axes={
+                INPUT_ITEM_SEQ: {0: "batch"},
+                INPUT_TIME_LAG: {0: "batch"},
+                OUTPUT_USER_EMBEDDING: {0: "batch"},
+            },
+            opset_version=OPSET,
+            dynamo=False,
+        )
+
+
+def export_run(
+    run_dir: Path, out_dir: Path, version: str | None = None, noise_seed: int = 0
+) -> dict[str, Any]:
+    """Write ``out_dir`` (a new directory) with the ONNX tower, embeddings, ids, manifest."""
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FileExistsError(f"{out_dir} exists; a version is never written over")
+    run = load_run(run_dir)
+    model, meta = run.model, run.meta
+    max_len = int(meta["model_config"]["max_seq_len"])
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        export_onnx(model, staging / mf.USER_TOWER_FILE, max_len)
+        with torch.no_grad():
+            embeddings = model.item_embeddings()[1:].detach().cpu().float().numpy()
+        np.save(staging / mf.ITEM_EMBEDDINGS_FILE, np.ascontiguousarray(embeddings))
+        (staging / mf.ITEM_IDS_FILE).write_text(json.dumps(meta["item_ids"]))
+        np.save(staging / mf.POPULARITY_FILE, run.popularity[1:].astype(np.float64))
+        metrics_path = run_dir / "metrics.json"
+        metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+        fields = {
+            "kind": "user_tower",
+            "model_name": meta["model_name"],
+            "model_version": version or out_dir.name,
+            "model_config": meta["model_config"],
+            "embedding_dim": int(embeddings.shape[1]),
+            "max_seq_len": max_len,
+            "num_items": int(embeddings.shape[0]),
+            "diffusion_steps": int(meta["model_config"].get("diffusion_steps", 0)),
+            "noise_shape": list(model.noise_shape),
+            "noise_seed": noise_seed,
+            "opset": OPSET,
+            "scoring": "inner_product",
+            "training_metrics": metrics.get(meta["model_name"], {}),
+            "baseline_metrics": {"popularity": metrics.get("popularity", {})},
+            "run_dir": str(run_dir),
+            "torch_version": torch.__version__,
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        manifest = mf.write_manifest(staging, fields)
+        if out_dir.exists():
+            out_dir.rmdir()
+        staging.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return manifest

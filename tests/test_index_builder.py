@@ -1,0 +1,506 @@
+"""index_builder: IVF-PQ defaults, build/verify/load round trip, exclusion, failure modes.
+
+Real FAISS on small clustered corpora (3000 x 32); the whole file runs in a few seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import threading
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+import pytest
+
+from contracts.manifest import (
+    INDEX_FILE,
+    ITEM_EMBEDDINGS_FILE,
+    ITEM_IDS_FILE,
+    MANIFEST_NAME,
+    ArtifactError,
+    read_manifest,
+    write_manifest,
+)
+from index_builder import (
+    QUERY_EMBEDDINGS_FILE,
+    LoadedIndex,
+    build_from_artifacts,
+    build_index,
+    configure_threads,
+    default_factory,
+    default_k_factor,
+    default_nprobe,
+    exact_topk,
+    load_index,
+    recall_at_k,
+    sample_queries,
+    set_search_params,
+)
+
+N_ITEMS, DIM = 3000, 32
+FACTORY_RE = re.compile(r"^IVF(\d+),PQ(\d+)x4fs,Refine\((Flat|SQ8)\)$")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_omp_thread():
+    """One OpenMP thread: on a busy 2-core runner FAISS's spinning threads can be 100x slower."""
+    previous = faiss.omp_get_max_threads()
+    configure_threads(1)
+    yield
+    configure_threads(None)
+    faiss.omp_set_num_threads(previous)
+
+
+def clustered_embeddings(n: int, dim: int, seed: int = 0, n_clusters: int = 30) -> np.ndarray:
+    """Item embeddings around ``n_clusters`` centres with varying norms, float32 [n, dim]."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((n_clusters, dim))
+    labels = rng.integers(0, n_clusters, n)
+    emb = centres[labels] + 0.6 * rng.standard_normal((n, dim))
+    emb *= rng.uniform(0.5, 1.5, (n, 1))
+    return emb.astype(np.float32)
+
+
+def write_artifacts(
+    directory: Path,
+    n: int = N_ITEMS,
+    dim: int = DIM,
+    seed: int = 0,
+    embeddings: np.ndarray | None = None,
+    item_ids: list[str] | None = None,
+    queries: np.ndarray | None = None,
+    **fields: Any,
+) -> Path:
+    """A fake user-tower export: item_embeddings.npy, item_ids.json, manifest.json."""
+    directory.mkdir(parents=True, exist_ok=True)
+    if embeddings is None:
+        embeddings = clustered_embeddings(n, dim, seed)
+    if item_ids is None:
+        item_ids = [f"item-{row:05d}" for row in range(len(embeddings))]
+    np.save(directory / ITEM_EMBEDDINGS_FILE, embeddings)
+    (directory / ITEM_IDS_FILE).write_text(json.dumps(item_ids), encoding="utf-8")
+    if queries is not None:
+        np.save(directory / QUERY_EMBEDDINGS_FILE, queries)
+    manifest = {
+        "kind": "user_tower",
+        "model_name": "t2diff",
+        "model_version": "v-test",
+        "embedding_dim": int(embeddings.shape[-1]),
+        "num_items": len(embeddings),
+        **fields,
+    }
+    write_manifest(directory, manifest)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict[str, Any]]:
+    """(artifacts dir, index dir, manifest) of one default build, shared by the tests."""
+    root = tmp_path_factory.mktemp("built")
+    artifacts = write_artifacts(root / "artifacts")
+    out = root / "indexes" / "idx-001"
+    manifest = build_from_artifacts(artifacts, out, n_queries=300)
+    return artifacts, out, manifest
+
+
+@pytest.fixture(scope="module")
+def loaded(built: tuple[Path, Path, dict[str, Any]]) -> LoadedIndex:
+    return load_index(built[1])
+
+
+@pytest.fixture(scope="module")
+def embeddings(built: tuple[Path, Path, dict[str, Any]]) -> np.ndarray:
+    return np.load(built[0] / ITEM_EMBEDDINGS_FILE)
+
+
+def manifest_fields(directory: Path) -> dict[str, Any]:
+    """The manifest's own fields (without the file table), to re-write it after a change."""
+    manifest = read_manifest(directory, verify=False)
+    return {k: v for k, v in manifest.items() if k not in ("files", "schema_version")}
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# --------------------------------------------------------------------------- defaults
+
+
+@pytest.mark.parametrize("n_items", [100, 1000, 3000, 50_000, 1_000_000])
+@pytest.mark.parametrize("dim", [32, 33, 64])
+def test_default_factory_is_ivf_pq(n_items: int, dim: int) -> None:
+    factory = default_factory(n_items, dim)
+    match = FACTORY_RE.match(factory)
+    assert match, factory
+    nlist, m = int(match.group(1)), int(match.group(2))
+    assert dim % m == 0 and 2 * m >= dim
+    assert 1 <= nlist and nlist * 39 <= max(n_items, 39)
+    assert nlist <= 4 * n_items**0.5
+    assert 1 <= default_nprobe(n_items, factory) <= min(nlist, 256)
+    assert default_k_factor(factory) > 1
+    index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    assert faiss.extract_index_ivf(index).nlist == nlist
+    assert index.metric_type == faiss.METRIC_INNER_PRODUCT
+
+
+def test_default_factory_by_size() -> None:
+    assert default_factory(100, 32) == "IVF2,PQ16x4fs,Refine(Flat)"
+    assert default_factory(3000, 32) == "IVF76,PQ16x4fs,Refine(Flat)"
+    # A large corpus keeps 8-bit refinement codes instead of raw floats.
+    assert default_factory(1_000_000, 64) == "IVF4000,PQ32x4fs,Refine(SQ8)"
+
+
+@pytest.mark.parametrize("n_items", [5, 100, 3000])
+def test_build_index_small_corpora(n_items: int) -> None:
+    emb = clustered_embeddings(n_items, DIM, seed=n_items)
+    factory = default_factory(n_items, DIM)
+    index = build_index(emb, factory)
+    assert index.ntotal == n_items and index.is_trained
+    queries = sample_queries(emb, 50, seed=1)
+    nprobe = default_nprobe(n_items, factory)
+    assert recall_at_k(index, emb, queries, 10, nprobe, default_k_factor(factory)) >= 0.95
+
+
+def test_set_search_params_mutates_index() -> None:
+    emb = clustered_embeddings(1000, DIM)
+    index = build_index(emb, default_factory(1000, DIM))
+    set_search_params(index, nprobe=7, k_factor=3)
+    assert faiss.extract_index_ivf(index).nprobe == 7
+    assert faiss.downcast_index(index).k_factor == 3
+
+
+def test_sample_queries_are_user_like() -> None:
+    emb = clustered_embeddings(N_ITEMS, DIM)
+    queries = sample_queries(emb, 200, seed=3)
+    assert queries.shape == (200, DIM) and queries.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(queries, axis=1), 1.0, rtol=1e-4)
+    # Near items (unlike uniform noise): the best cosine to an item is high.
+    unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    assert np.median((queries @ unit.T).max(axis=1)) > 0.7
+    np.testing.assert_array_equal(queries, sample_queries(emb, 200, seed=3))
+
+
+# --------------------------------------------------------------------------- build
+
+
+def test_build_writes_verified_manifest(built: tuple[Path, Path, dict[str, Any]]) -> None:
+    artifacts, out, manifest = built
+    assert read_manifest(out, verify=True) == manifest
+    assert set(manifest["files"]) == {INDEX_FILE, ITEM_IDS_FILE}
+    assert manifest["kind"] == "ann_index"
+    assert manifest["index_version"] == "idx-001"
+    assert FACTORY_RE.match(manifest["factory"])
+    assert manifest["metric"] == "inner_product"
+    assert manifest["num_items"] == N_ITEMS and manifest["embedding_dim"] == DIM
+    assert manifest["model_name"] == "t2diff"
+    assert manifest["model_version"] == manifest["artifacts_version"] == "v-test"
+    assert manifest["artifacts_dir"] == str(artifacts)
+    assert manifest["recall_queries"] == {"count": 300, "source": "sampled"}
+    assert manifest["recall_at_100"] >= 0.95
+    assert manifest["recall_at_10"] >= 0.95
+    assert manifest["faiss_version"] == faiss.__version__
+    assert manifest["bytes_per_item"] > 0 and manifest["build_seconds"] >= 0
+    assert manifest["created_at"].endswith("+00:00")
+    assert (out / ITEM_IDS_FILE).read_bytes() == (artifacts / ITEM_IDS_FILE).read_bytes()
+    # Nothing is left behind beside the version.
+    assert [p.name for p in out.parent.iterdir()] == ["idx-001"]
+
+
+def test_recall_at_default_nprobe_vs_exact(
+    loaded: LoadedIndex, embeddings: np.ndarray, built: tuple[Path, Path, dict[str, Any]]
+) -> None:
+    """Independent of the build's own measurement: fresh queries, the manifest's nprobe."""
+    queries = sample_queries(embeddings, 300, seed=1234)
+    for k in (10, 100):
+        _, exact = exact_topk(embeddings, queries, k)
+        _, rows = loaded.search(queries, k)
+        recall = np.mean([len(np.intersect1d(a, e)) / k for a, e in zip(rows, exact, strict=True)])
+        assert recall >= 0.95, (k, recall)
+    assert loaded.nprobe == built[2]["nprobe"]
+
+
+def test_user_query_embeddings_are_used(tmp_path: Path) -> None:
+    emb = clustered_embeddings(1000, DIM, seed=5)
+    queries = sample_queries(emb, 120, seed=6)
+    artifacts = write_artifacts(tmp_path / "a", embeddings=emb, queries=queries)
+    manifest = build_from_artifacts(artifacts, tmp_path / "out")
+    assert manifest["recall_queries"] == {"count": 60, "source": "user_embeddings"}
+    assert manifest["recall_at_100"] >= 0.95
+
+
+def test_explicit_nprobe_and_version(tmp_path: Path) -> None:
+    artifacts = write_artifacts(tmp_path / "a", n=1000)
+    manifest = build_from_artifacts(
+        artifacts, tmp_path / "out" / "v7", nprobe=3, index_version="2024-01-01", n_queries=100
+    )
+    assert manifest["nprobe"] == 3 and manifest["index_version"] == "2024-01-01"
+    assert load_index(tmp_path / "out" / "v7").version == "2024-01-01"
+
+
+def _tamper_nan(d: Path) -> None:
+    emb = np.load(d / ITEM_EMBEDDINGS_FILE)
+    emb[17, 3] = np.nan
+    write_artifacts(d, embeddings=emb)
+
+
+def _tamper_inf(d: Path) -> None:
+    emb = np.load(d / ITEM_EMBEDDINGS_FILE)
+    emb[5, 0] = np.inf
+    write_artifacts(d, embeddings=emb)
+
+
+def _tamper_dim(d: Path) -> None:
+    write_artifacts(d, embeddings=np.load(d / ITEM_EMBEDDINGS_FILE), embedding_dim=DIM + 1)
+
+
+def _tamper_num_items(d: Path) -> None:
+    write_artifacts(d, embeddings=np.load(d / ITEM_EMBEDDINGS_FILE), num_items=N_ITEMS - 1)
+
+
+def _tamper_ids(d: Path) -> None:
+    ids = [f"i{r}" for r in range(N_ITEMS - 1)]
+    emb = np.load(d / ITEM_EMBEDDINGS_FILE)
+    write_artifacts(d, embeddings=emb, item_ids=ids, num_items=N_ITEMS)
+
+
+def _tamper_duplicate_ids(d: Path) -> None:
+    ids = [f"i{r}" for r in range(N_ITEMS)]
+    ids[1] = ids[0]
+    write_artifacts(d, embeddings=np.load(d / ITEM_EMBEDDINGS_FILE), item_ids=ids)
+
+
+def _tamper_dtype(d: Path) -> None:
+    write_artifacts(d, embeddings=np.load(d / ITEM_EMBEDDINGS_FILE).astype(np.float64))
+
+
+def _tamper_checksum(d: Path) -> None:
+    emb = np.load(d / ITEM_EMBEDDINGS_FILE)
+    emb[0, 0] += 1.0
+    np.save(d / ITEM_EMBEDDINGS_FILE, emb)  # after the manifest: checksum mismatch
+
+
+def _tamper_missing(d: Path) -> None:
+    (d / ITEM_IDS_FILE).unlink()
+
+
+def _tamper_kind(d: Path) -> None:
+    write_artifacts(d, embeddings=np.load(d / ITEM_EMBEDDINGS_FILE), kind="ann_index")
+
+
+def _tamper_no_manifest(d: Path) -> None:
+    (d / MANIFEST_NAME).unlink()
+
+
+@pytest.mark.parametrize(
+    ("tamper", "reason"),
+    [
+        (_tamper_nan, "NaN or inf"),
+        (_tamper_inf, "NaN or inf"),
+        (_tamper_dim, "embedding_dim"),
+        (_tamper_num_items, "num_items"),
+        (_tamper_ids, "ids"),
+        (_tamper_duplicate_ids, "duplicate"),
+        (_tamper_dtype, "float32"),
+        (_tamper_checksum, "checksum"),
+        (_tamper_missing, "missing"),
+        (_tamper_kind, "kind"),
+        (_tamper_no_manifest, "manifest"),
+    ],
+)
+def test_bad_artifacts_are_refused(tmp_path: Path, tamper: Any, reason: str) -> None:
+    artifacts = write_artifacts(tmp_path / "artifacts")
+    tamper(artifacts)
+    out = tmp_path / "indexes" / "v1"
+    with pytest.raises(ArtifactError, match=reason):
+        build_from_artifacts(artifacts, out, n_queries=50)
+    assert not out.exists()
+
+
+def test_existing_out_dir_is_never_overwritten(
+    built: tuple[Path, Path, dict[str, Any]],
+) -> None:
+    artifacts, out, _ = built
+    before = {p.name: sha(p) for p in out.iterdir()}
+    with pytest.raises(FileExistsError, match="never"):
+        build_from_artifacts(artifacts, out, n_queries=50)
+    assert {p.name: sha(p) for p in out.iterdir()} == before
+    assert [p.name for p in out.parent.iterdir()] == ["idx-001"]
+
+
+def test_empty_out_dir_is_filled(tmp_path: Path) -> None:
+    artifacts = write_artifacts(tmp_path / "a", n=500)
+    out = tmp_path / "idx"
+    out.mkdir()
+    build_from_artifacts(artifacts, out, n_queries=50)
+    assert (out / INDEX_FILE).is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "idx"]
+
+
+# --------------------------------------------------------------------------- load
+
+
+def test_load_round_trip_matches_exact(loaded: LoadedIndex, embeddings: np.ndarray) -> None:
+    assert loaded.version == "idx-001"
+    assert loaded.ntotal == N_ITEMS == len(loaded.item_ids)
+    queries = sample_queries(embeddings, 200, seed=77)
+    exact_scores, exact_rows = exact_topk(embeddings, queries, 10)
+    scores, rows = loaded.search(queries, 10)
+    assert scores.shape == rows.shape == (200, 10)
+    same = [set(a) == set(e) for a, e in zip(rows, exact_rows, strict=True)]
+    assert np.mean(same) >= 0.9
+    # Refine(Flat) re-scores exactly: identical rows carry the exact scores, best first.
+    for b in np.flatnonzero(same):
+        np.testing.assert_allclose(scores[b], exact_scores[b], rtol=1e-4, atol=1e-4)
+    assert (np.diff(scores, axis=1) <= 1e-6).all()
+    ids = loaded.ids_for(rows[:2])
+    assert ids[0] == [f"item-{r:05d}" for r in rows[0]]
+
+
+def test_search_pads_when_k_exceeds_corpus(tmp_path: Path) -> None:
+    artifacts = write_artifacts(tmp_path / "a", n=40)
+    build_from_artifacts(artifacts, tmp_path / "i", n_queries=20)
+    index = load_index(tmp_path / "i")
+    emb = np.load(artifacts / ITEM_EMBEDDINGS_FILE)
+    scores, rows = index.search(emb[:3], 50, nprobe=1000)
+    assert (rows[:, :40] >= 0).all() and (rows[:, 40:] == -1).all()
+    assert np.isneginf(scores[:, 40:]).all()
+    assert [len(r) for r in index.ids_for(rows)] == [40, 40, 40]
+
+
+def test_search_rejects_bad_queries(loaded: LoadedIndex) -> None:
+    with pytest.raises(ValueError):
+        loaded.search(np.zeros((2, DIM + 1), np.float32), 5)
+    with pytest.raises(ValueError):
+        loaded.search(np.full((1, DIM), np.nan, np.float32), 5)
+    with pytest.raises(ValueError):
+        loaded.search(np.zeros((1, DIM), np.float32), 0)
+
+
+def test_nprobe_override_is_per_call(loaded: LoadedIndex, embeddings: np.ndarray) -> None:
+    queries = sample_queries(embeddings, 100, seed=8)
+    _, exact = exact_topk(embeddings, queries, 100)
+    nlist = faiss.extract_index_ivf(loaded.index).nlist
+
+    def recall(rows: np.ndarray) -> float:
+        return float(np.mean([len(np.intersect1d(a, e)) for a, e in zip(rows, exact, strict=True)]))
+
+    low = recall(loaded.search(queries, 100, nprobe=1)[1])
+    full = recall(loaded.search(queries, 100, nprobe=nlist)[1])
+    assert low < full and full >= 99
+    # The shared index was not mutated by the per-call parameters.
+    assert faiss.extract_index_ivf(loaded.index).nprobe == loaded.nprobe
+
+
+def test_concurrent_searches_match_sequential(loaded: LoadedIndex, embeddings: np.ndarray) -> None:
+    queries = sample_queries(embeddings, 64, seed=9)
+    nlist = faiss.extract_index_ivf(loaded.index).nlist
+    settings = [(1, 10), (nlist, 10), (4, 100), (None, 50)]
+    expected = {s: loaded.search(queries, s[1], nprobe=s[0])[1] for s in settings}
+    errors: list[str] = []
+
+    def worker(setting: tuple[int | None, int]) -> None:
+        for b in range(len(queries)):
+            _, rows = loaded.search(queries[b : b + 1], setting[1], nprobe=setting[0])
+            if not np.array_equal(rows[0], expected[setting][b]):
+                errors.append(f"{setting} query {b}")
+
+    threads = [threading.Thread(target=worker, args=(s,)) for s in settings * 2]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+
+
+def test_corrupted_index_is_refused(
+    built: tuple[Path, Path, dict[str, Any]], tmp_path: Path
+) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(built[1], copy)
+    data = bytearray((copy / INDEX_FILE).read_bytes())
+    for pos in (len(data) // 3, len(data) // 2):
+        data[pos] ^= 0xFF
+    (copy / INDEX_FILE).write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="checksum"):
+        load_index(copy)
+
+
+def test_unreadable_index_with_valid_checksum_is_refused(
+    built: tuple[Path, Path, dict[str, Any]], tmp_path: Path
+) -> None:
+    """A manifest re-written over a truncated index passes the checksums; FAISS must not."""
+    copy = tmp_path / "copy"
+    shutil.copytree(built[1], copy)
+    data = (copy / INDEX_FILE).read_bytes()
+    (copy / INDEX_FILE).write_bytes(data[: len(data) // 2])
+    fields = manifest_fields(copy)
+    write_manifest(copy, fields)
+    with pytest.raises(ArtifactError, match="unreadable"):
+        load_index(copy)
+
+
+def test_missing_index_and_inconsistent_ids_are_refused(
+    built: tuple[Path, Path, dict[str, Any]], tmp_path: Path
+) -> None:
+    missing = tmp_path / "missing"
+    shutil.copytree(built[1], missing)
+    (missing / INDEX_FILE).unlink()
+    with pytest.raises(ArtifactError, match="missing"):
+        load_index(missing)
+
+    short = tmp_path / "short"
+    shutil.copytree(built[1], short)
+    ids = json.loads((short / ITEM_IDS_FILE).read_text())
+    (short / ITEM_IDS_FILE).write_text(json.dumps(ids[:-1]))
+    fields = manifest_fields(short)
+    write_manifest(short, fields)
+    with pytest.raises(ArtifactError, match="ids"):
+        load_index(short)
+
+    wrong_dim = tmp_path / "dim"
+    shutil.copytree(built[1], wrong_dim)
+    write_manifest(wrong_dim, {**fields, "embedding_dim": DIM * 2})
+    with pytest.raises(ArtifactError, match="embedding_dim"):
+        load_index(wrong_dim)
+
+
+# --------------------------------------------------------------------------- exclusion
+
+
+@pytest.mark.parametrize("method", ["auto", "selector", "overfetch"])
+def test_search_excluding_never_returns_excluded(
+    loaded: LoadedIndex, embeddings: np.ndarray, method: str
+) -> None:
+    rng = np.random.default_rng(11)
+    queries = sample_queries(embeddings, 40, seed=12)
+    k = 20
+    _, top = loaded.search(queries, 60)
+    exclude: list[Any] = []
+    for b in range(len(queries)):
+        # The best results themselves, random rows and out-of-range rows.
+        rows = set(top[b, : rng.integers(0, 40)].tolist()) | set(rng.integers(0, N_ITEMS, 30))
+        rows |= {-1, N_ITEMS + 5}
+        exclude.append(rows if b % 2 else np.fromiter(rows, np.int64))
+    scores, rows = loaded.search_excluding(queries, k, exclude, method=method)  # type: ignore[arg-type]
+    assert rows.shape == (len(queries), k)
+    for b in range(len(queries)):
+        assert not set(rows[b].tolist()) & set(np.asarray(list(exclude[b])).tolist())
+        assert (rows[b] >= 0).all()
+        # What is left is (nearly) the unfiltered ranking minus the excluded rows.
+        expected = [r for r in top[b] if r not in set(np.asarray(list(exclude[b])).tolist())]
+        assert len(set(rows[b]) & set(expected[:k])) >= k - 2
+    # A single query with a large exclusion set takes the selector path.
+    big = set(range(0, N_ITEMS, 2))
+    _, rows1 = loaded.search_excluding(queries[:1], 50, [big])
+    assert not set(rows1[0].tolist()) & big and (rows1[0] >= 0).all()
+    # Empty exclusion sets: plain search.
+    np.testing.assert_array_equal(
+        loaded.search_excluding(queries, k, [set()] * len(queries))[1], loaded.search(queries, k)[1]
+    )
+    with pytest.raises(ValueError):
+        loaded.search_excluding(queries, k, [set()])
