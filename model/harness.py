@@ -29,8 +29,8 @@ class DeviceSequences:
     def from_data(cls, data: SequenceData, device: torch.device | str) -> DeviceSequences:
         start_of = np.repeat(data.offsets[:-1], data.lengths)
         return cls(
-            items=torch.as_tensor(data.items, device=device),
-            timestamps=torch.as_tensor(data.timestamps, device=device),
+            items=torch.as_tensor(np.array(data.items), device=device),
+            timestamps=torch.as_tensor(np.array(data.timestamps), device=device),
             start_of=torch.as_tensor(start_of, device=device),
             n_items=data.n_items,
         )

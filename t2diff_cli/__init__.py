@@ -1,0 +1,1 @@
+"""The ``t2diff`` command line: one entry point, one sub-command per stage."""

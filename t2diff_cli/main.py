@@ -1,0 +1,226 @@
+"""``t2diff``: data, train, evaluate, export, build-index, sessions, serve, demo.
+
+Every heavy import (torch, FAISS, ONNX Runtime, FastAPI) happens inside the command that
+needs it, so ``t2diff serve`` works in an image without torch and ``--help`` is instant.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False)
+data_app = typer.Typer(help="Synthetic data and data sets.", no_args_is_help=True)
+sessions_app = typer.Typer(help="User sessions in Redis.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(sessions_app, name="sessions")
+
+FormatOption = Annotated[
+    str, typer.Option("--format", help="auto | csv | tsv | parquet | ml-1m | ml-100k")
+]
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=2)
+
+
+def _parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``--set key=value`` pairs; values parsed as JSON when they can be (numbers, bools)."""
+    overrides: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            _fail(f"--set expects key=value, got {pair!r}")
+        try:
+            overrides[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            overrides[key] = raw
+    return overrides
+
+
+@data_app.command("synth")
+def data_synth(
+    out: Annotated[Path, typer.Option(help="output directory (interactions.csv)")],
+    users: int = 2000,
+    items: int = 1000,
+    clusters: int = 20,
+    seed: int = 0,
+) -> None:
+    """Write a seeded synthetic log: clustered items, drifting interests, sessions."""
+    from model.data import DataError, write_synthetic
+
+    try:
+        path = write_synthetic(out, n_users=users, n_items=items, n_clusters=clusters, seed=seed)
+    except DataError as exc:
+        _fail(str(exc))
+    typer.echo(f"wrote {path}")
+
+
+@app.command()
+def train(
+    data: Annotated[Path, typer.Option(help="interactions file or directory")],
+    out: Annotated[Path, typer.Option(help="run directory, e.g. runs/NAME")],
+    model: Annotated[str, typer.Option(help="model name (see `t2diff models`)")] = "t2diff",
+    fmt: FormatOption = "auto",
+    epochs: int = 20,
+    batch_size: int = 256,
+    lr: float = 1e-3,
+    patience: int = 4,
+    seed: int = 0,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
+    max_minutes: Annotated[float | None, typer.Option(help="stop after this long")] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="model option key=value, repeatable")
+    ] = None,
+    resume: Annotated[bool, typer.Option(help="continue from checkpoint.pt")] = False,
+    progress: bool = True,
+) -> None:
+    """Train a model on a log with leave-one-out validation and early stopping."""
+    from model.data import DataError
+    from model.train import DataSource, TrainConfig, train_run
+
+    config = TrainConfig(
+        epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, seed=seed,
+        device=device, max_minutes=max_minutes, progress=progress,
+    )
+    try:
+        summary = train_run(
+            DataSource(str(data.resolve()), fmt), out, model, _parse_overrides(set_ or []),
+            config, resume=resume,
+        )
+    except (DataError, ValueError) as exc:
+        _fail(str(exc))
+    typer.echo(json.dumps(summary, indent=2))
+
+
+@app.command()
+def models() -> None:
+    """List the model names the harness knows."""
+    from model.registry import model_names
+
+    typer.echo("\n".join(model_names()))
+
+
+@app.command()
+def evaluate(
+    run: Annotated[Path, typer.Option(help="run directory")],
+    device: str = "auto",
+) -> None:
+    """Full-ranking Recall/HR, MRR, NDCG on validation and test; writes metrics.json."""
+    from model.train import evaluate_run
+
+    if not (run / "model.pt").is_file():
+        _fail(f"{run}: no trained model (model.pt)")
+    result = evaluate_run(run, device)
+    name = result["model_name"]
+    for model_name in (name, "popularity"):
+        test = result[model_name]["test"]
+        typer.echo(
+            f"{model_name:>12} test  recall@20 {test['recall@20']:.4f}  mrr@20 "
+            f"{test['mrr@20']:.4f}  ndcg@10 {test['ndcg@10']:.4f}  hr@50 {test['hr@50']:.4f}"
+        )
+    typer.echo(f"wrote {run / 'metrics.json'}")
+
+
+@app.command()
+def export(
+    run: Annotated[Path, typer.Option(help="run directory")],
+    out: Annotated[Path, typer.Option(help="new artifacts directory, e.g. artifacts/VERSION")],
+    version: Annotated[str | None, typer.Option(help="model version (default: out's name)")] = None,
+    noise_seed: int = 0,
+) -> None:
+    """Export the user tower (fixed T-step reverse process) to ONNX plus item embeddings."""
+    from model.export import export_run
+
+    if not (run / "model.pt").is_file():
+        _fail(f"{run}: no trained model (model.pt)")
+    try:
+        manifest = export_run(run, out, version, noise_seed)
+    except FileExistsError as exc:
+        _fail(str(exc))
+    typer.echo(f"exported {manifest['model_name']} {manifest['model_version']} to {out}")
+
+
+@app.command("build-index")
+def build_index(
+    artifacts: Annotated[Path, typer.Option(help="artifacts directory (an export)")],
+    out: Annotated[Path, typer.Option(help="new index directory, e.g. indexes/VERSION")],
+    factory: Annotated[str | None, typer.Option(help="FAISS factory string")] = None,
+    nprobe: int | None = None,
+) -> None:
+    """Build a FAISS IVF-PQ index of the item embeddings and measure its recall."""
+    from contracts.manifest import ArtifactError
+    from index_builder.build import build_from_artifacts
+
+    try:
+        manifest = build_from_artifacts(artifacts, out, factory=factory, nprobe=nprobe)
+    except (ArtifactError, FileExistsError, ValueError) as exc:
+        _fail(str(exc))
+    typer.echo(
+        f"index {manifest['index_version']}: {manifest['factory']} nprobe {manifest['nprobe']} "
+        f"recall@10 {manifest['recall_at_10']:.4f} recall@100 {manifest['recall_at_100']:.4f} "
+        f"vs exact, {manifest['bytes_per_item']:.0f} bytes/item"
+    )
+
+
+@sessions_app.command("load")
+def sessions_load(
+    data: Annotated[Path, typer.Option(help="interactions file or directory")],
+    redis_url: Annotated[str, typer.Option(envvar="T2DIFF_REDIS_URL")] = "redis://localhost:6379/0",
+    prefix: Annotated[str, typer.Option(envvar="T2DIFF_REDIS_PREFIX")] = "t2diff",
+    max_len: int = 200,
+    fmt: FormatOption = "auto",
+) -> None:
+    """Bulk-load every user's recent behaviours into Redis (pipelined)."""
+    import redis
+
+    from model.data import DataError, load_sequences
+    from service.sessions import load_sessions_from_sequences
+
+    try:
+        sequences = load_sequences(data, fmt, min_length=1)
+        count = load_sessions_from_sequences(redis_url, sequences, prefix=prefix, max_len=max_len)
+    except DataError as exc:
+        _fail(str(exc))
+    except redis.RedisError as exc:
+        _fail(f"Redis at {redis_url}: {exc}")
+    typer.echo(f"loaded sessions of {count} users into {redis_url}")
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="overrides T2DIFF_HOST")] = None,
+    port: Annotated[int | None, typer.Option(help="overrides T2DIFF_PORT")] = None,
+) -> None:
+    """Start the recall API (FastAPI under uvicorn); settings from T2DIFF_* variables."""
+    from service.server import run
+    from service.settings import Settings
+
+    overrides = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
+    run(Settings(**overrides))
+
+
+@app.command()
+def demo(
+    workdir: Annotated[Path, typer.Option(help="where data, run, artifacts go")] = Path(".demo"),
+    users: int = 1000,
+    items: int = 500,
+    epochs: int = 3,
+    redis_url: Annotated[
+        str | None, typer.Option(help="use this Redis instead of starting one")
+    ] = None,
+    requests: int = 3,
+) -> None:
+    """Synthetic data -> train -> export -> index -> Redis -> server -> a few /recall calls."""
+    from t2diff_cli.demo import run_demo
+
+    run_demo(workdir, users=users, items=items, epochs=epochs, redis_url=redis_url,
+             n_requests=requests)
+
+
+if __name__ == "__main__":
+    app()
