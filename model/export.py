@@ -29,7 +29,8 @@ OPSET = 17
 def export_onnx(model: SequentialRecommender, path: Path, max_seq_len: int) -> None:
     """Trace ``model``'s user tower (batch axis dynamic) into ``path``."""
     model = model.cpu().eval()
-    tower = ExportedTower(model)
+    # eval() on the wrapper too: the exporter restores the wrapper's mode on every submodule.
+    tower = ExportedTower(model).eval()
     item_seq = torch.ones(2, max_seq_len, dtype=torch.int64)
     time_lag = torch.zeros(2, max_seq_len, dtype=torch.float32)
     noise = torch.zeros(model.noise_shape, dtype=torch.float32)

@@ -1,18 +1,51 @@
-"""Model names -> constructors, so the trainer, evaluator and CLI never special-case one."""
+"""Model names -> constructors, so the trainer, evaluator and CLI never special-case one.
+
+``MODELS`` is the one table: each name has a config dataclass (its fields are the options
+``make_config`` accepts), the overrides that define the variant, and a builder.  Adding a
+model is adding a row.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import fields
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
 
 from model.base import SequentialRecommender
+from model.baselines import (
+    GRU4Rec,
+    GRU4RecConfig,
+    SASRec,
+    SASRecConfig,
+    TwoTower,
+    TwoTowerConfig,
+)
 from model.popularity import Popularity
 from model.t2diff import T2Diff, T2DiffConfig
 
-# name -> (config class, fixed overrides that define the variant)
+# The builder gets (n_items, config instance, training item popularity or None).
+Builder = Callable[[int, Any, "np.ndarray | None"], SequentialRecommender]
+
+
+@dataclass
+class PopularityConfig:
+    max_seq_len: int = 50  # only sets the evaluation windows; the model reads no history
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    config_class: type
+    build: Builder
+    fixed: Mapping[str, Any] = field(default_factory=dict)  # overrides defining the variant
+
+
+def _plain(model_class: Callable[[int, Any], SequentialRecommender]) -> Builder:
+    return lambda n_items, config, popularity: model_class(n_items, config)
+
+
+# name -> overrides of T2DiffConfig that define the variant
 T2DIFF_VARIANTS: dict[str, dict[str, Any]] = {
     "t2diff": {},
     "mixed_attention": {"use_diffusion": False},
@@ -23,31 +56,45 @@ T2DIFF_VARIANTS: dict[str, dict[str, Any]] = {
     "t2diff_T200": {"diffusion_steps": 200},
 }
 
+MODELS: dict[str, ModelSpec] = {
+    **{
+        name: ModelSpec(T2DiffConfig, _plain(T2Diff), fixed)
+        for name, fixed in T2DIFF_VARIANTS.items()
+    },
+    "popularity": ModelSpec(
+        PopularityConfig, lambda n_items, config, popularity: Popularity(n_items, popularity)
+    ),
+    "sasrec": ModelSpec(SASRecConfig, _plain(SASRec)),
+    "gru4rec": ModelSpec(GRU4RecConfig, _plain(GRU4Rec)),
+    "two_tower": ModelSpec(TwoTowerConfig, _plain(TwoTower)),
+}
+
 
 def model_names() -> list[str]:
-    return sorted([*T2DIFF_VARIANTS, "popularity"])
+    return sorted(MODELS)
+
+
+def _spec(name: str) -> ModelSpec:
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(model_names())}")
+    return MODELS[name]
 
 
 def make_config(name: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """The full config dict of ``name`` with user ``overrides`` applied (unknown keys fail)."""
+    spec = _spec(name)
     overrides = dict(overrides or {})
-    if name == "popularity":
-        return {"max_seq_len": int(overrides.pop("max_seq_len", 50))}
-    if name not in T2DIFF_VARIANTS:
-        raise ValueError(f"unknown model {name!r}; known: {', '.join(model_names())}")
-    known = {f.name for f in fields(T2DiffConfig)}
+    known = {f.name for f in fields(spec.config_class)}
     unknown = set(overrides) - known
     if unknown:
         raise ValueError(f"unknown option(s) for {name}: {sorted(unknown)}")
-    return T2DiffConfig(**{**T2DIFF_VARIANTS[name], **overrides}).to_dict()
+    return asdict(spec.config_class(**{**spec.fixed, **overrides}))
 
 
 def build_model(
     name: str, n_items: int, config: dict[str, Any], popularity: np.ndarray | None = None
 ) -> SequentialRecommender:
-    builders: dict[str, Callable[[], SequentialRecommender]] = {
-        "popularity": lambda: Popularity(n_items, popularity),
-    }
-    if name in builders:
-        return builders[name]()
-    return T2Diff(n_items, T2DiffConfig(**config))
+    """``name``'s model from a config dict (normally ``make_config``'s; missing keys take
+    the variant's values, then the defaults)."""
+    spec = _spec(name)
+    return spec.build(n_items, spec.config_class(**{**spec.fixed, **config}), popularity)

@@ -1,0 +1,189 @@
+# syntax=docker/dockerfile:1.7
+#
+# T2Diff recall service images.  Targets:
+#
+#   runtime (default, last stage)  the serving image; VARIANT=cpu|gpu picks its base:
+#       docker build -t t2diff-recall:cpu .
+#       docker build --build-arg VARIANT=gpu -t t2diff-recall:gpu .
+#   trainer                        torch (CPU build) + .[train,serve], for the bootstrap and
+#                                  nightly rebuild jobs:
+#       docker build --target trainer -t t2diff-recall:trainer .
+#
+# Build with BuildKit (the docker default): it builds only the stages the chosen target
+# needs, so a cpu build never pulls the CUDA base.  Base images are pinned by tag; pin them
+# by digest too (@sha256:...) in a release pipeline.
+#
+# Dependencies are installed from pyproject.toml *before* the source is copied
+# (deploy/scripts/pyproject_deps.py), so editing code does not re-download them; the
+# project itself is then installed with --no-deps.  The result equals `pip install .[EXTRAS]`.
+
+ARG VARIANT=cpu
+ARG PYTHON_IMAGE=python:3.11.13-slim-bookworm
+ARG CUDA_IMAGE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04
+
+# ---------------------------------------------------------------------------------------
+# cpu: build a virtualenv with .[serve] (no torch) and copy it into a clean slim image.
+FROM ${PYTHON_IMAGE} AS build-cpu
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+WORKDIR /src
+COPY deploy/scripts/pyproject_deps.py deploy/scripts/check_image.py /tmp/
+COPY pyproject.toml ./
+RUN python /tmp/pyproject_deps.py pyproject.toml serve > /tmp/requirements.txt \
+    && pip install --no-cache-dir -r /tmp/requirements.txt
+COPY README.md ./
+COPY contracts/ contracts/
+COPY model/ model/
+COPY index_builder/ index_builder/
+COPY service/ service/
+COPY t2diff_cli/ t2diff_cli/
+RUN pip install --no-cache-dir --no-deps . \
+    && pip check \
+    && python /tmp/check_image.py --present t2diff-recall onnxruntime faiss-cpu \
+        --absent torch onnxruntime-gpu --import service.app \
+    && t2diff --help > /dev/null
+
+FROM ${PYTHON_IMAGE} AS runtime-cpu
+RUN groupadd --system --gid 10001 t2diff \
+    && useradd --system --uid 10001 --gid t2diff --home-dir /home/t2diff --create-home \
+        --shell /usr/sbin/nologin t2diff \
+    && mkdir -p /data \
+    && chown t2diff:t2diff /data
+COPY --from=build-cpu /opt/venv /opt/venv
+
+# ---------------------------------------------------------------------------------------
+# gpu: the same on a CUDA 12 + cuDNN 9 runtime base with onnxruntime-gpu and faiss-gpu-cu12
+# (.[serve,gpu] minus the CPU builds of the same modules, which would overwrite them).
+# Ubuntu 24.04's Python is 3.12 (the project needs >= 3.11).  The pins keep both wheels on
+# CUDA 12: onnxruntime-gpu >= 1.27 on PyPI is built for CUDA 13.
+FROM ${CUDA_IMAGE} AS build-gpu
+ARG ORT_GPU_VERSION=1.26.0
+ARG FAISS_GPU_VERSION=1.14.1.post1
+ENV DEBIAN_FRONTEND=noninteractive \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1
+# DL3008: Ubuntu's python3 is pinned by the pinned CUDA base tag; exact apt versions would
+# break every time Ubuntu ships a security update to the archive.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 python3-venv \
+    && rm -rf /var/lib/apt/lists/*
+RUN python3 -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+WORKDIR /src
+COPY deploy/scripts/pyproject_deps.py deploy/scripts/check_image.py /tmp/
+COPY pyproject.toml ./
+RUN python /tmp/pyproject_deps.py pyproject.toml serve gpu \
+        --exclude onnxruntime --exclude faiss-cpu > /tmp/requirements.txt \
+    && printf 'onnxruntime-gpu==%s\nfaiss-gpu-cu12==%s\n' "$ORT_GPU_VERSION" "$FAISS_GPU_VERSION" \
+        > /tmp/constraints.txt \
+    && pip install --no-cache-dir -r /tmp/requirements.txt -c /tmp/constraints.txt
+COPY README.md ./
+COPY contracts/ contracts/
+COPY model/ model/
+COPY index_builder/ index_builder/
+COPY service/ service/
+COPY t2diff_cli/ t2diff_cli/
+# Metadata checks only: importing the CUDA builds needs a driver the build host may lack.
+RUN pip install --no-cache-dir --no-deps . \
+    && pip check \
+    && python /tmp/check_image.py --present t2diff-recall onnxruntime-gpu faiss-gpu-cu12 \
+        --absent torch onnxruntime faiss-cpu
+
+FROM ${CUDA_IMAGE} AS runtime-gpu
+ENV DEBIAN_FRONTEND=noninteractive
+# DL3008: see build-gpu.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 \
+    && rm -rf /var/lib/apt/lists/* \
+    && groupadd --system --gid 10001 t2diff \
+    && useradd --system --uid 10001 --gid t2diff --home-dir /home/t2diff --create-home \
+        --shell /usr/sbin/nologin t2diff \
+    && mkdir -p /data \
+    && chown t2diff:t2diff /data
+COPY --from=build-gpu /opt/venv /opt/venv
+
+# ---------------------------------------------------------------------------------------
+# trainer: torch CPU build + .[train,serve]; runs `t2diff data|train|export|build-index|
+# sessions load|rebuild` against the shared /data volume (bootstrap and rebuild jobs).
+FROM ${PYTHON_IMAGE} AS trainer
+ARG TORCH_VERSION=2.13.0
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PATH=/opt/venv/bin:$PATH
+RUN python -m venv /opt/venv \
+    && groupadd --system --gid 10001 t2diff \
+    && useradd --system --uid 10001 --gid t2diff --home-dir /home/t2diff --create-home \
+        --shell /usr/sbin/nologin t2diff \
+    && mkdir -p /data \
+    && chown t2diff:t2diff /data
+# The CPU wheel from PyTorch's index (no CUDA libraries: ~10x smaller); the constraint
+# stops a later resolve from replacing it with PyPI's CUDA build.
+RUN pip install --no-cache-dir "torch==${TORCH_VERSION}" \
+        --index-url https://download.pytorch.org/whl/cpu \
+    && printf 'torch==%s\n' "$TORCH_VERSION" > /tmp/constraints.txt
+WORKDIR /src
+COPY deploy/scripts/pyproject_deps.py deploy/scripts/check_image.py /tmp/
+COPY pyproject.toml ./
+RUN python /tmp/pyproject_deps.py pyproject.toml train serve > /tmp/requirements.txt \
+    && pip install --no-cache-dir -r /tmp/requirements.txt -c /tmp/constraints.txt
+COPY README.md ./
+COPY contracts/ contracts/
+COPY model/ model/
+COPY index_builder/ index_builder/
+COPY service/ service/
+COPY t2diff_cli/ t2diff_cli/
+RUN pip install --no-cache-dir --no-deps . \
+    && pip check \
+    && python /tmp/check_image.py --present t2diff-recall torch onnxruntime faiss-cpu \
+        --import torch onnx service.app \
+    && t2diff --help > /dev/null \
+    && python -c "import torch; assert torch.version.cuda is None, 'want the CPU build'" \
+    && rm -rf /src
+COPY --chmod=0755 deploy/scripts/ /opt/t2diff/bin/
+ENV PATH=/opt/t2diff/bin:$PATH \
+    T2DIFF_DATA_ROOT=/data \
+    T2DIFF_ARTIFACTS_DIR=/data/artifacts/current \
+    T2DIFF_INDEX_DIR=/data/indexes/current \
+    MPLCONFIGDIR=/tmp/matplotlib
+WORKDIR /data
+USER 10001:10001
+CMD ["t2diff", "--help"]
+
+# ---------------------------------------------------------------------------------------
+# runtime: the serving image (default target).  `FROM runtime-${VARIANT}` selects the base.
+# DL3006: runtime-${VARIANT} names a stage of this file (runtime-cpu/runtime-gpu), whose
+# bases are pinned above, not a registry image that could take a tag.
+# hadolint ignore=DL3006
+FROM runtime-${VARIANT} AS runtime
+ARG VARIANT
+LABEL org.opencontainers.image.title="t2diff-recall" \
+      org.opencontainers.image.description="T2Diff two-tower recall service (${VARIANT})" \
+      org.opencontainers.image.licenses="Apache-2.0"
+COPY --chmod=0755 deploy/scripts/ /opt/t2diff/bin/
+# Containers listen on all interfaces (the service's own default is 127.0.0.1).
+# OMP_*: FAISS's OpenMP threads spin-wait between calls and burn the cores that concurrent
+# requests need; serving parallelises over requests, so one passive thread per call.
+ENV PATH=/opt/venv/bin:/opt/t2diff/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    T2DIFF_VARIANT=${VARIANT} \
+    T2DIFF_HOST=0.0.0.0 \
+    T2DIFF_PORT=8000 \
+    T2DIFF_ARTIFACTS_DIR=/data/artifacts/current \
+    T2DIFF_INDEX_DIR=/data/indexes/current \
+    T2DIFF_REDIS_URL=redis://redis:6379/0 \
+    T2DIFF_FAISS_THREADS=1 \
+    OMP_WAIT_POLICY=PASSIVE \
+    OMP_NUM_THREADS=1
+WORKDIR /data
+USER 10001:10001
+EXPOSE 8000
+HEALTHCHECK --interval=15s --timeout=4s --start-period=60s --retries=3 \
+    CMD ["python", "/opt/t2diff/bin/healthcheck.py", "/healthz", "--timeout", "3"]
+CMD ["t2diff", "serve"]

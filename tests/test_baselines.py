@@ -1,0 +1,214 @@
+"""Every registered model on the harness contract, plus the baselines' ONNX export.
+
+Tiny sizes throughout (d = 16, L = 12, 30 items), so the whole file runs in seconds on CPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from contracts.tower import INPUT_ITEM_SEQ, INPUT_NOISE, INPUT_TIME_LAG, OUTPUT_USER_EMBEDDING
+from model.base import Batch, SequentialRecommender
+from model.registry import MODELS, build_model, make_config, model_names
+
+N_ITEMS = 30
+BATCH = 8
+SEQ_LEN = 12
+BASELINES = ["sasrec", "gru4rec", "two_tower"]
+# Applied where the model has the option: small enough for a CPU test, large enough to learn.
+TINY = {
+    "dim": 16,
+    "max_seq_len": SEQ_LEN,
+    "session_len": 4,
+    "unet_width": 8,
+    "unet_levels": 2,
+}
+STEPS = 30
+
+
+def tiny_config(name: str, **extra: object) -> dict:
+    known = {f.name for f in fields(MODELS[name].config_class)}
+    return make_config(name, {**{k: v for k, v in TINY.items() if k in known}, **extra})
+
+
+def build(name: str, seed: int = 0, **extra: object) -> SequentialRecommender:
+    torch.manual_seed(seed)
+    popularity = np.arange(N_ITEMS + 1, dtype=np.float64)
+    return build_model(name, N_ITEMS, tiny_config(name, **extra), popularity)
+
+
+def tiny_batch() -> Batch:
+    """Left-padded windows of varied length (one empty, one full); the target is a fixed
+    function of the newest item, so every model can fit it."""
+    gen = torch.Generator().manual_seed(1)
+    lengths = torch.tensor([SEQ_LEN, 1, 5, 0, 7, SEQ_LEN, 3, 9])
+    tokens = torch.randint(1, N_ITEMS + 1, (BATCH, SEQ_LEN), generator=gen)
+    valid = torch.arange(SEQ_LEN)[None, :] >= SEQ_LEN - lengths[:, None]
+    item_seq = torch.where(valid, tokens, 0)
+    time_lag = torch.where(valid, torch.rand(BATCH, SEQ_LEN, generator=gen) * 1e5, 0.0)
+    target = (item_seq[:, SEQ_LEN - 1] * 7) % N_ITEMS + 1
+    return Batch(item_seq=item_seq, time_lag=time_lag.float(), target=target)
+
+
+def noise_for(model: SequentialRecommender, seed: int = 0) -> torch.Tensor:
+    return torch.randn(model.noise_shape, generator=torch.Generator().manual_seed(seed))
+
+
+def eval_loss(model: SequentialRecommender, batch: Batch) -> float:
+    """The loss without dropout and with a fixed draw of any training randomness."""
+    model.eval()
+    torch.manual_seed(123)
+    with torch.no_grad():
+        return float(model.loss(batch)[0])
+
+
+def test_registry_lists_every_model() -> None:
+    names = model_names()
+    assert set(BASELINES) <= set(names)
+    assert {"t2diff", "mixed_attention", "t2diff_T200", "popularity"} <= set(names)
+    assert names == sorted(names)
+
+
+@pytest.mark.parametrize("name", model_names())
+def test_make_config_is_full_and_strict(name: str) -> None:
+    config = make_config(name)
+    assert set(config) == {f.name for f in fields(MODELS[name].config_class)}
+    assert config["max_seq_len"] == 50
+    assert make_config(name, {"max_seq_len": 7})["max_seq_len"] == 7
+    with pytest.raises(ValueError, match="unknown option"):
+        make_config(name, {"no_such_option": 1})
+    # The variant's defining overrides are part of its config, and a config round-trips.
+    for key, value in MODELS[name].fixed.items():
+        assert config[key] == value
+    model = build_model(name, N_ITEMS, config, np.ones(N_ITEMS + 1))
+    if hasattr(model, "config"):
+        assert model.config.to_dict() == config
+
+
+def test_unknown_model_name() -> None:
+    with pytest.raises(ValueError, match="unknown model"):
+        make_config("no_such_model")
+    with pytest.raises(ValueError, match="unknown model"):
+        build_model("no_such_model", N_ITEMS, {})
+
+
+@pytest.mark.parametrize("name", model_names())
+def test_shapes(name: str) -> None:
+    model = build(name).eval()
+    batch = tiny_batch()
+    with torch.no_grad():
+        user = model.user_embedding(batch, noise_for(model))
+        scores = model.full_sort_scores(batch, noise_for(model))
+        items = model.item_embeddings()
+    assert user.shape == (BATCH, model.dim)
+    assert items.shape == (N_ITEMS + 1, model.dim)
+    assert scores.shape == (BATCH, N_ITEMS + 1)
+    assert torch.isfinite(user).all() and torch.isfinite(scores).all()
+    loss, parts = model.loss(batch)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    assert all(not p.requires_grad for p in parts.values())
+
+
+@pytest.mark.parametrize("name", [n for n in model_names() if n != "popularity"])
+def test_loss_decreases(name: str) -> None:
+    model = build(name)
+    batch = tiny_batch()
+    before = eval_loss(model, batch)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    torch.manual_seed(7)
+    model.train()
+    for _ in range(STEPS):
+        loss, _ = model.loss(batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    after = eval_loss(model, batch)
+    assert after < 0.8 * before, (before, after)
+    # Row 0 (padding) stays an all-zero, never-recommended vector.
+    if name != "popularity":
+        assert torch.count_nonzero(model.item_embeddings()[0]) == 0
+
+
+@pytest.mark.parametrize("name", model_names())
+def test_deterministic(name: str) -> None:
+    first, second = build(name, seed=3), build(name, seed=3)
+    batch = tiny_batch()
+    assert eval_loss(first, batch) == eval_loss(second, batch)
+    with torch.no_grad():
+        a = first.user_embedding(batch, noise_for(first))
+        b = second.user_embedding(batch, noise_for(second))
+        again = first.user_embedding(batch, noise_for(first))
+    assert torch.equal(a, b) and torch.equal(a, again)
+    if name in BASELINES:  # deterministic models ignore the noise
+        with torch.no_grad():
+            other = first.user_embedding(batch, noise_for(first, seed=9))
+            without = first.user_embedding(batch, None)
+        assert torch.equal(a, other) and torch.equal(a, without)
+
+
+@pytest.mark.parametrize(
+    ("name", "extra"),
+    [
+        ("sasrec", {}),
+        ("sasrec", {"heads": 2, "blocks": 1, "ffn_mult": 2}),
+        ("gru4rec", {}),
+        ("gru4rec", {"hidden": 24, "output_proj": False}),
+        ("two_tower", {}),
+        ("two_tower", {"mlp_layers": 1}),
+    ],
+)
+def test_onnx_parity(name: str, extra: dict, tmp_path: Path) -> None:
+    ort = pytest.importorskip("onnxruntime")
+    from model.export import export_onnx  # torch.onnx.export(dynamo=False, opset 17)
+
+    model = build(name, **extra)
+    # Train a few steps so LayerNorm/bias parameters are not at their trivial init.
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(3):
+        loss, _ = model.loss(tiny_batch())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    path = tmp_path / "tower.onnx"
+    export_onnx(model, path, SEQ_LEN)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert {i.name for i in session.get_inputs()} == {INPUT_ITEM_SEQ, INPUT_TIME_LAG, INPUT_NOISE}
+    batch = tiny_batch()  # batch 8, traced at batch 2: the batch axis is dynamic
+    noise = noise_for(model)
+    with torch.no_grad():
+        expected = model.eval().user_embedding(batch, noise).numpy()
+    (got,) = session.run(
+        [OUTPUT_USER_EMBEDDING],
+        {
+            INPUT_ITEM_SEQ: batch.item_seq.numpy(),
+            INPUT_TIME_LAG: batch.time_lag.numpy(),
+            INPUT_NOISE: noise.numpy(),
+        },
+    )
+    assert got.shape == expected.shape
+    assert np.abs(got - expected).max() < 1e-4
+
+
+@pytest.mark.parametrize("name", BASELINES)
+def test_train_run_smoke(name: str, tmp_path: Path) -> None:
+    from model.data import write_synthetic
+    from model.train import DataSource, TrainConfig, evaluate_run, train_run
+
+    path = write_synthetic(tmp_path / "data", n_users=100, n_items=60, n_clusters=3)
+    run_dir = tmp_path / "run"
+    summary = train_run(
+        DataSource(str(path)),
+        run_dir,
+        name,
+        {"dim": 16},
+        TrainConfig(epochs=1, progress=False, device="cpu"),
+    )
+    assert summary["epochs_run"] == 1
+    assert (run_dir / "model.pt").is_file()
+    metrics = evaluate_run(run_dir, device="cpu")
+    assert 0.0 <= metrics[name]["test"]["recall@20"] <= 1.0

