@@ -34,7 +34,7 @@ class TrainConfig:
     patience: int = 4
     seed: int = 0
     device: str = "auto"
-    amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
+    amp: bool = False  # bf16 autocast on CUDA (ignored on CPU); TF32 matmuls are always on
     select_metric: str = "ndcg@10"
     exclude_seen: bool = True
     max_minutes: float | None = None
@@ -59,9 +59,13 @@ class LoadedRun:
 
 
 def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(
+        ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+    )
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return device
 
 
 def _write_json(path: Path, payload: Any) -> None:

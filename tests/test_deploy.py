@@ -577,3 +577,98 @@ def test_redis_statefulset_persists_with_aof() -> None:
     assert statefulset["spec"]["serviceName"] in services
     (configmap,) = _by_kind("ConfigMap")
     assert statefulset["metadata"]["name"] in configmap["data"]["T2DIFF_REDIS_URL"]
+
+
+# --------------------------------------------------------------------------- bootstrap run
+
+_FAKE_T2DIFF = """#!/bin/sh
+# Stands in for the t2diff CLI: records its arguments, creates the outputs it names.
+echo "$*" >> "$FAKE_LOG"
+case "$1" in
+    data) mkdir -p "$4" && echo "user_id,item_id,timestamp" > "$4/interactions.csv" ;;
+    train|export|build-index) mkdir -p "$5" ;;
+    sessions) python -c "import redis, sys; redis.Redis.from_url(sys.argv[1]).rpush(sys.argv[2], '1.0|i1')" "$6" "$T2DIFF_REDIS_PREFIX:session:u1" ;;
+esac
+"""
+
+
+def _run_bootstrap(
+    tmp_path: Path, **env: str
+) -> tuple[subprocess.CompletedProcess[str], list[str]]:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    fake = bin_dir / "t2diff"
+    fake.write_text(_FAKE_T2DIFF)
+    fake.chmod(0o755)
+    log = tmp_path / "calls.log"
+    log.write_text("")
+    full_env = {
+        "PATH": f"{bin_dir}:{Path(sys.executable).parent}:/usr/bin:/bin",
+        "FAKE_LOG": str(log),
+        "T2DIFF_DATA_ROOT": str(tmp_path / "data"),
+        **env,
+    }
+    proc = subprocess.run(
+        ["sh", str(SCRIPTS / "bootstrap.sh")],
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return proc, log.read_text().splitlines()
+
+
+def test_bootstrap_builds_once_and_switches_current(tmp_path: Path) -> None:
+    first, calls = _run_bootstrap(
+        tmp_path, T2DIFF_BOOTSTRAP_SESSIONS="never", T2DIFF_BOOTSTRAP_VERSION="v1"
+    )
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert [c.split()[0] for c in calls] == ["data", "train", "evaluate", "export", "build-index"]
+    data = tmp_path / "data"
+    for kind in ("artifacts", "indexes"):
+        link = data / kind / "current"
+        assert link.is_symlink() and os.readlink(link) == "v1"  # relative: any mount path
+        assert link.resolve() == (data / kind / "v1").resolve()
+    # Idempotent: with current in place nothing is rebuilt.
+    second, calls = _run_bootstrap(tmp_path, T2DIFF_BOOTSTRAP_SESSIONS="never")
+    assert second.returncode == 0 and calls == []
+    # Forced: a new version, data reused, current switched.
+    third, calls = _run_bootstrap(
+        tmp_path,
+        T2DIFF_BOOTSTRAP_SESSIONS="never",
+        T2DIFF_BOOTSTRAP_FORCE="1",
+        T2DIFF_BOOTSTRAP_VERSION="v2",
+    )
+    assert third.returncode == 0 and calls[0].startswith("train")
+    assert os.readlink(data / "artifacts" / "current") == "v2"
+    assert not list((data / "artifacts").glob(".current.*")), "temporary link left behind"
+    bad, _ = _run_bootstrap(tmp_path, T2DIFF_BOOTSTRAP_SESSIONS="sometimes")
+    assert bad.returncode == 2
+
+
+def test_bootstrap_loads_sessions_only_into_an_empty_redis(
+    tmp_path: Path, redis_server: str
+) -> None:
+    import redis
+
+    # A prefix of its own: other tests share this Redis and may leave sessions in it.
+    prefix = f"deploytest{os.getpid()}"
+    key = f"{prefix}:session:u1"
+    client = redis.Redis.from_url(redis_server)
+    client.delete(key)
+    env = {
+        "T2DIFF_REDIS_URL": redis_server,
+        "T2DIFF_REDIS_PREFIX": prefix,
+        "T2DIFF_BOOTSTRAP_VERSION": "v1",
+    }
+    first, calls = _run_bootstrap(tmp_path, **env)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert (
+        calls[-1] == f"sessions load --data data/synth/interactions.csv --redis-url {redis_server}"
+    )
+    assert client.llen(key) == 1
+    second, calls = _run_bootstrap(tmp_path, **env)
+    assert second.returncode == 0 and calls == [], "sessions kept by AOF are not reloaded"
+    third, calls = _run_bootstrap(tmp_path, T2DIFF_BOOTSTRAP_SESSIONS="always", **env)
+    assert third.returncode == 0 and calls[-1].startswith("sessions load")
+    client.delete(key)
