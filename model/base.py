@@ -21,6 +21,20 @@ class Batch:
     target: torch.Tensor | None = None  # [B] int64
 
 
+def keep_contract_inputs(
+    user: torch.Tensor, batch: Batch, noise: torch.Tensor | None
+) -> torch.Tensor:
+    """``user`` plus an exact zero that reads ``time_lag`` and ``noise``.
+
+    Only there so the traced ONNX graph keeps those inputs (the serving contract feeds all
+    three); a sum over an empty slice is 0 whatever the values (no ``0 * inf`` NaN).
+    """
+    user = user + batch.time_lag[:, :0].sum(1, keepdim=True).to(user.dtype)
+    if noise is not None:
+        user = user + noise.reshape(-1)[:0].sum().to(user.dtype)
+    return user
+
+
 class SequentialRecommender(nn.Module):
     """Base class: subclasses implement ``loss`` and ``user_embedding``."""
 

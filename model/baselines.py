@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from model.base import Batch, SequentialRecommender
+from model.base import Batch, SequentialRecommender, keep_contract_inputs
 
 NEG_INF = -1e9
 EMBEDDING_STD = 0.05  # the same item-table init as T2Diff, so the models start alike
@@ -40,18 +40,6 @@ def _item_table(n_items: int, dim: int) -> nn.Embedding:
     with torch.no_grad():
         table.weight[0].zero_()
     return table
-
-
-def _keep_inputs(user: torch.Tensor, batch: Batch, noise: torch.Tensor | None) -> torch.Tensor:
-    """``user`` plus an exact zero that reads ``time_lag`` and ``noise``.
-
-    Only there so the traced ONNX graph keeps those inputs (the serving contract feeds all
-    three); a sum over an empty slice is 0 whatever the values (no ``0 * inf`` NaN).
-    """
-    user = user + batch.time_lag[:, :0].sum(1, keepdim=True).to(user.dtype)
-    if noise is not None:
-        user = user + noise.reshape(-1)[:0].sum().to(user.dtype)
-    return user
 
 
 class _Baseline(SequentialRecommender):
@@ -74,7 +62,7 @@ class _Baseline(SequentialRecommender):
         return loss, {"tower": loss.detach()}
 
     def user_embedding(self, batch: Batch, noise: torch.Tensor | None = None) -> torch.Tensor:
-        return _keep_inputs(self.encode(batch.item_seq), batch, noise)
+        return keep_contract_inputs(self.encode(batch.item_seq), batch, noise)
 
 
 # --------------------------------------------------------------------------- SASRec

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from model.base import Batch, SequentialRecommender
+from model.base import Batch, SequentialRecommender, keep_contract_inputs
 from model.schedule import NoiseSchedule
 from model.unet import UNet1D
 
@@ -135,7 +135,7 @@ class T2Diff(SequentialRecommender):
     def user_embedding(self, batch: Batch, noise: torch.Tensor | None = None) -> torch.Tensor:
         x = self.item_emb(batch.item_seq)
         x_next = self.reconstruct(x, noise) if self.config.use_diffusion else None
-        return self._tower(batch, x, x_next)
+        return keep_contract_inputs(self._tower(batch, x, x_next), batch, noise)
 
     # ------------------------------------------------------------------ diffusion
 

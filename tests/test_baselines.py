@@ -5,6 +5,7 @@ Tiny sizes throughout (d = 16, L = 12, 30 items), so the whole file runs in seco
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import fields
 from pathlib import Path
 
@@ -29,6 +30,16 @@ TINY = {
     "unet_levels": 2,
 }
 STEPS = 30
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny tensors run fastest on one thread, and a busy machine no longer slows the
+    file down by an order of magnitude (OpenMP threads spinning against other work)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def tiny_config(name: str, **extra: object) -> dict:

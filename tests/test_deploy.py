@@ -31,7 +31,25 @@ from typing import Any
 
 import jsonschema
 import pytest
-import yaml
+
+try:  # PyYAML where installed; else ruamel.yaml, which check-jsonschema (dev extra) brings
+    import yaml
+
+    def yaml_load(text: str) -> Any:
+        return yaml.safe_load(text)
+
+    def yaml_load_all(text: str) -> list[Any]:
+        return list(yaml.safe_load_all(text))
+
+except ImportError:  # pragma: no cover - depends on the environment
+    from ruamel.yaml import YAML
+
+    def yaml_load(text: str) -> Any:
+        return YAML(typ="safe", pure=True).load(text)
+
+    def yaml_load_all(text: str) -> list[Any]:
+        return list(YAML(typ="safe", pure=True).load_all(text))
+
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -53,12 +71,12 @@ def _load(name: str, path: Path) -> ModuleType:
 
 @pytest.fixture(scope="module")
 def compose() -> dict[str, Any]:
-    return yaml.safe_load(COMPOSE.read_text())
+    return yaml_load(COMPOSE.read_text())
 
 
 @pytest.fixture(scope="module")
 def gpu_override() -> dict[str, Any]:
-    return yaml.safe_load(GPU_OVERRIDE.read_text())
+    return yaml_load(GPU_OVERRIDE.read_text())
 
 
 def _env(service: dict[str, Any]) -> dict[str, str]:
@@ -76,7 +94,7 @@ def test_compose_files_validate_against_the_compose_spec(path: Path) -> None:
     schema = json.loads((DEPLOY / "schemas" / "compose-spec.json").read_text())
     assert schema.get("title") == "Compose Specification"
     validator = jsonschema.Draft202012Validator(schema)
-    errors = sorted(validator.iter_errors(yaml.safe_load(path.read_text())), key=str)
+    errors = sorted(validator.iter_errors(yaml_load(path.read_text())), key=str)
     assert not errors, "\n".join(f"{list(e.absolute_path)}: {e.message[:300]}" for e in errors)
 
 
@@ -443,7 +461,7 @@ def test_check_image_script() -> None:
 def _k8s_documents() -> list[tuple[str, dict[str, Any]]]:
     docs = []
     for path in sorted(K8S.glob("*.yaml")):
-        for doc in yaml.safe_load_all(path.read_text()):
+        for doc in yaml_load_all(path.read_text()):
             if doc is not None:
                 docs.append((path.name, doc))
     return docs
