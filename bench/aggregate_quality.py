@@ -1,0 +1,86 @@
+"""Aggregate ``bench/parallel_train.py`` summaries into the model-quality table.
+
+``python bench/aggregate_quality.py docs/results/raw/ml1m_run*_summary.csv
+--drop run1:t2diff,run1:t2diff_no_dp --csv docs/results/model-quality.csv``: one row per
+(model, metric) with mean, std over seeds and the seed count; ``--drop run:model`` leaves
+out a run's rows that a later, longer run of the same model replaces.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+METRICS = [
+    "recall@2",
+    "recall@20",
+    "mrr@2",
+    "mrr@20",
+    "hr@10",
+    "hr@20",
+    "hr@50",
+    "ndcg@10",
+    "ndcg@20",
+    "ndcg@50",
+]
+ORDER = [
+    "t2diff",
+    "mixed_attention",
+    "t2diff_no_dp",
+    "t2diff_linear",
+    "t2diff_log",
+    "t2diff_T10",
+    "sasrec",
+    "gru4rec",
+    "two_tower",
+    "popularity",
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("summaries", nargs="+", type=Path)
+    parser.add_argument("--dataset", default="ml-1m")
+    parser.add_argument("--drop", default="")
+    parser.add_argument("--csv", type=Path, required=True)
+    args = parser.parse_args()
+    dropped = {tuple(item.split(":")) for item in args.drop.split(",") if item}
+    values: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for path in args.summaries:
+        run = re.search(r"(run\d+)", path.name).group(1)  # type: ignore[union-attr]
+        with open(path) as handle:
+            for row in csv.DictReader(handle):
+                if (run, row["model"]) in dropped:
+                    continue
+                for metric in METRICS:
+                    values[row["model"]][metric].append(float(row[metric]))
+    models = sorted(values, key=lambda m: ORDER.index(m) if m in ORDER else len(ORDER))
+    with open(args.csv, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["dataset", "model", "metric", "mean", "std", "n_seeds"])
+        for model in models:
+            for metric in METRICS:
+                sample = np.asarray(values[model][metric])
+                std = float(sample.std(ddof=1)) if len(sample) > 1 else 0.0
+                writer.writerow(
+                    [args.dataset, model, metric, f"{sample.mean():.5f}", f"{std:.5f}", len(sample)]
+                )
+    shown = ["recall@20", "mrr@20", "hr@10", "ndcg@10", "hr@50", "ndcg@50", "recall@2", "mrr@2"]
+    print("| model | n | " + " | ".join(shown) + " |")
+    print("|---|---|" + "---|" * len(shown))
+    for model in models:
+        cells = []
+        for metric in shown:
+            sample = np.asarray(values[model][metric])
+            std = sample.std(ddof=1) if len(sample) > 1 else 0.0
+            cells.append(f"{sample.mean():.4f} ± {std:.4f}")
+        print(f"| {model} | {len(values[model]['hr@10'])} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+"""Validation NDCG@10 per epoch for the runs in docs/results/raw/histories/ (one line per
+run, one colour per model): ``python bench/plot_curves.py OUT.png``."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+HISTORIES = Path(__file__).resolve().parents[1] / "docs" / "results" / "raw" / "histories"
+
+
+def main(out: str) -> None:
+    figure, axis = plt.subplots(figsize=(8, 5))
+    colours: dict[str, str] = {}
+    for path in sorted(HISTORIES.glob("*.json")):
+        run, _, name = path.stem.partition("_")
+        model = name.rsplit("_s", 1)[0]
+        if run == "ml1m" and model in ("t2diff", "t2diff_no_dp"):
+            continue  # superseded by the longer run 2
+        history = json.loads(path.read_text())
+        epochs = [row["epoch"] for row in history]
+        values = [row["valid_ndcg@10"] for row in history]
+        label = None if model in colours else model
+        (line,) = axis.plot(epochs, values, color=colours.get(model), label=label, lw=1.2)
+        colours.setdefault(model, line.get_color())
+    axis.set_xlabel("epoch")
+    axis.set_ylabel("validation NDCG@10 (full ranking)")
+    axis.set_title("ML-1M, leave-one-out, H100, same harness (one line per seed)")
+    axis.legend(fontsize=8)
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(out, dpi=110)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
