@@ -11,23 +11,15 @@ from __future__ import annotations
 import argparse
 import csv
 import re
+import sys
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
-METRICS = [
-    "recall@2",
-    "recall@20",
-    "mrr@2",
-    "mrr@20",
-    "hr@10",
-    "hr@20",
-    "hr@50",
-    "ndcg@10",
-    "ndcg@20",
-    "ndcg@50",
-]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from model.metrics import REPORTED_METRICS as METRICS  # noqa: E402
+
 ORDER = [
     "t2diff",
     "mixed_attention",

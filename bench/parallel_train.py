@@ -20,18 +20,8 @@ import tarfile
 import time
 from pathlib import Path
 
-METRICS = [
-    "recall@2",
-    "recall@20",
-    "mrr@2",
-    "mrr@20",
-    "hr@10",
-    "hr@20",
-    "hr@50",
-    "ndcg@10",
-    "ndcg@20",
-    "ndcg@50",
-]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from model.metrics import REPORTED_METRICS as METRICS  # noqa: E402
 
 
 def main() -> int:

@@ -11,6 +11,19 @@ import numpy as np
 
 # The paper's ML-1M cut-offs (Recall/MRR at 2 and 20) and DimeRec's (HR/NDCG at 10/20/50).
 DEFAULT_CUTOFFS = (2, 10, 20, 50)
+# The metrics the results tables report: the paper's Recall/MRR@{2,20}, DimeRec's HR/NDCG.
+REPORTED_METRICS = (
+    "recall@2",
+    "recall@20",
+    "mrr@2",
+    "mrr@20",
+    "hr@10",
+    "hr@20",
+    "hr@50",
+    "ndcg@10",
+    "ndcg@20",
+    "ndcg@50",
+)
 
 
 def metrics_from_ranks(ranks: np.ndarray, cutoffs: Iterable[int] = DEFAULT_CUTOFFS) -> dict:
