@@ -15,7 +15,6 @@ from contracts.sessions import Session
 
 if TYPE_CHECKING:
     from index_builder.loaded import LoadedIndex
-
     from service.tower import UserTowerRunner
 
 

@@ -53,8 +53,19 @@ def local_redis(url: str | None) -> Iterator[str]:
     port = free_port()
     workdir = tempfile.mkdtemp(prefix="t2diff-redis-")
     process = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", workdir],
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            workdir,
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -110,7 +121,10 @@ def run_demo(
     started = step(f"train T2Diff (small, CPU-friendly) for up to {epochs} epochs -> {run_dir}")
     overrides = {"dim": 32, "unet_width": 16}
     summary = train_run(
-        DataSource(str(data_dir)), run_dir, "t2diff", overrides,
+        DataSource(str(data_dir)),
+        run_dir,
+        "t2diff",
+        overrides,
         TrainConfig(epochs=epochs, batch_size=256, lr=2e-3, progress=False),
     )
     typer.echo(f"trained in {time.monotonic() - started:.0f}s: {json.dumps(summary)}")
@@ -159,5 +173,7 @@ def run_demo(
                 typer.echo(f"POST /recall {json.dumps(body)} -> {response.status_code}")
                 typer.echo(json.dumps(response.json(), indent=1))
             bad = httpx.post(f"{base}/recall", json={"user_id": "u1", "k": 0}, timeout=10)
-            typer.echo(f"POST /recall with k=0 -> {bad.status_code} {bad.json()['detail'][0]['loc']}")
+            typer.echo(
+                f"POST /recall with k=0 -> {bad.status_code} {bad.json()['detail'][0]['loc']}"
+            )
     typer.secho("\ndemo finished", fg=typer.colors.GREEN, bold=True)

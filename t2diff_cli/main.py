@@ -84,13 +84,23 @@ def train(
     from model.train import DataSource, TrainConfig, train_run
 
     config = TrainConfig(
-        epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, seed=seed,
-        device=device, max_minutes=max_minutes, progress=progress,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        patience=patience,
+        seed=seed,
+        device=device,
+        max_minutes=max_minutes,
+        progress=progress,
     )
     try:
         summary = train_run(
-            DataSource(str(data.resolve()), fmt), out, model, _parse_overrides(set_ or []),
-            config, resume=resume,
+            DataSource(str(data.resolve()), fmt),
+            out,
+            model,
+            _parse_overrides(set_ or []),
+            config,
+            resume=resume,
         )
     except (DataError, ValueError) as exc:
         _fail(str(exc))
@@ -218,8 +228,9 @@ def demo(
     """Synthetic data -> train -> export -> index -> Redis -> server -> a few /recall calls."""
     from t2diff_cli.demo import run_demo
 
-    run_demo(workdir, users=users, items=items, epochs=epochs, redis_url=redis_url,
-             n_requests=requests)
+    run_demo(
+        workdir, users=users, items=items, epochs=epochs, redis_url=redis_url, n_requests=requests
+    )
 
 
 if __name__ == "__main__":

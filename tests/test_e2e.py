@@ -28,11 +28,27 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("e2e")
     data, run = root / "data", root / "runs" / "tiny"
     artifacts, index = root / "artifacts" / "v1", root / "indexes" / "v1"
-    cli("data", "synth", "--out", str(data), "--users", "200", "--items", "120",
-        "--clusters", "6")
-    cli("train", "--data", str(data), "--out", str(run), "--epochs", "2", "--device", "cpu",
-        "--lr", "0.003", "--no-progress", "--set", "dim=16", "--set", "unet_width=8",
-        "--set", "diffusion_steps=50")
+    cli("data", "synth", "--out", str(data), "--users", "200", "--items", "120", "--clusters", "6")
+    cli(
+        "train",
+        "--data",
+        str(data),
+        "--out",
+        str(run),
+        "--epochs",
+        "2",
+        "--device",
+        "cpu",
+        "--lr",
+        "0.003",
+        "--no-progress",
+        "--set",
+        "dim=16",
+        "--set",
+        "unet_width=8",
+        "--set",
+        "diffusion_steps=50",
+    )
     cli("evaluate", "--run", str(run), "--device", "cpu")
     cli("export", "--run", str(run), "--out", str(artifacts))
     cli("build-index", "--artifacts", str(artifacts), "--out", str(index))
@@ -66,8 +82,11 @@ def test_export_refuses_to_overwrite(pipeline: dict[str, Path]) -> None:
 def test_recall_through_redis(pipeline: dict[str, Path], redis_url: str) -> None:
     cli("sessions", "load", "--data", str(pipeline["data"]), "--redis-url", redis_url)
     settings = Settings(
-        artifacts_dir=pipeline["artifacts"], index_dir=pipeline["index"], redis_url=redis_url,
-        redis_timeout_ms=1000, redis_pool_timeout_ms=1000,
+        artifacts_dir=pipeline["artifacts"],
+        index_dir=pipeline["index"],
+        redis_url=redis_url,
+        redis_timeout_ms=1000,
+        redis_pool_timeout_ms=1000,
     )
     with TestClient(create_app(settings)) as client:
         assert client.get("/readyz").status_code == 200

@@ -113,9 +113,10 @@ def test_forward_and_reverse_step() -> None:
     t = torch.tensor([0, 10, 30, 49])
     zt = schedule.add_noise(z0, noise, t)
     abar = torch.cumprod(1 - schedule.betas, 0)
-    expected = abar[t].sqrt().float()[:, None, None] * z0 + (1 - abar[t]).sqrt().float()[
-        :, None, None
-    ] * noise
+    expected = (
+        abar[t].sqrt().float()[:, None, None] * z0
+        + (1 - abar[t]).sqrt().float()[:, None, None] * noise
+    )
     torch.testing.assert_close(zt, expected)
     assert schedule.sqrt_abar[-1] < 0.01  # z_T is (almost) pure noise
     # With a perfect x0 estimate the last reverse step returns z0 exactly (no noise at t=0).
@@ -158,9 +159,7 @@ def test_onnx_tower_matches_pytorch(tmp_path: Path) -> None:
     item_seq, time_lag = pad_batch(tokens, stamps, now=100.0, max_seq_len=config.max_seq_len)
     noise = make_noise(model.noise_shape, seed=7)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    onnx_out = session.run(
-        None, {"item_seq": item_seq, "time_lag": time_lag, "noise": noise}
-    )[0]
+    onnx_out = session.run(None, {"item_seq": item_seq, "time_lag": time_lag, "noise": noise})[0]
     with torch.no_grad():
         torch_out = model.user_embedding(
             Batch(torch.from_numpy(item_seq), torch.from_numpy(time_lag)), torch.from_numpy(noise)
