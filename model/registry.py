@@ -22,6 +22,7 @@ from model.baselines import (
     TwoTower,
     TwoTowerConfig,
 )
+from model.dimerec import DimeRec, DimeRecConfig
 from model.popularity import Popularity
 from model.t2diff import T2Diff, T2DiffConfig
 
@@ -56,10 +57,24 @@ T2DIFF_VARIANTS: dict[str, dict[str, Any]] = {
     "t2diff_T200": {"diffusion_steps": 200},
 }
 
+# name -> overrides of DimeRecConfig that define the variant (paper Table 4's ablations)
+DIMEREC_VARIANTS: dict[str, dict[str, Any]] = {
+    "dimerec": {},
+    "comirec_sa": {"use_diffusion": False},  # the GEM alone
+    "dimerec_no_gem": {"gem_weight": 0.0},
+    "dimerec_no_recon": {"recon_weight": 0.0},
+    "dimerec_no_ssm": {"ssm_weight": 0.0},
+    "dimerec_no_grw": {"geodesic": False},
+}
+
 MODELS: dict[str, ModelSpec] = {
     **{
         name: ModelSpec(T2DiffConfig, _plain(T2Diff), fixed)
         for name, fixed in T2DIFF_VARIANTS.items()
+    },
+    **{
+        name: ModelSpec(DimeRecConfig, _plain(DimeRec), fixed)
+        for name, fixed in DIMEREC_VARIANTS.items()
     },
     "popularity": ModelSpec(
         PopularityConfig, lambda n_items, config, popularity: Popularity(n_items, popularity)
