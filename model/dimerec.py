@@ -155,6 +155,11 @@ class DimeRec(SequentialRecommender):
             config.schedule_b,
             config.sigma_mode,  # type: ignore[arg-type]
         )
+        # The forward process's coefficients as buffers: no host-to-device copy per batch.
+        self.register_buffer("sqrt_abar", self.schedule.sqrt_abar.float(), persistent=False)
+        self.register_buffer(
+            "sqrt_one_minus_abar", self.schedule.sqrt_one_minus_abar.float(), persistent=False
+        )
         self.dam = (
             Denoiser(d, config.interests, config.dam_hidden, config.dam_layers)
             if config.use_diffusion
@@ -226,17 +231,18 @@ class DimeRec(SequentialRecommender):
         """ComiRec-SA's one served vector: the interest nearest the newest behaviour."""
         unit = self._unit(interests)
         newest = items[item_seq[:, item_seq.shape[1] - 1]]  # zero for an empty window
-        pick = (unit * newest[:, None, :]).sum(2).argmax(dim=1)  # [B]
-        index = pick[:, None, None].expand(len(pick), 1, unit.shape[2])
-        return unit.gather(1, index).squeeze(1)
+        pick = (unit * newest[:, None, :]).sum(2).argmax(dim=1, keepdim=True)  # [B, 1]
+        # A one-hot sum, not gather + expand: no batch size frozen into the ONNX graph.
+        one_hot = torch.arange(unit.shape[1], device=unit.device)[None, :] == pick
+        return (unit * one_hot[:, :, None].to(unit.dtype)).sum(1)
 
     # ------------------------------------------------------------------ DAM
 
     def _add_noise(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        scale = self.sqrt_one_minus_abar[t][:, None].to(x0.dtype)
         if self.config.geodesic:
-            scale = self.schedule.sqrt_one_minus_abar.to(x0.device, x0.dtype)[t][:, None]
             return geodesic_random_walk(x0, eps, scale)
-        return self.schedule.add_noise(x0, eps, t)
+        return self.sqrt_abar[t][:, None].to(x0.dtype) * x0 + scale * eps
 
     def _denoise(self, xt: torch.Tensor, t: torch.Tensor, interests: torch.Tensor) -> torch.Tensor:
         assert self.dam is not None

@@ -1,0 +1,298 @@
+"""DimeRec, ComiRec-SA and the DimeRec ablations on the harness contract.
+
+Tiny sizes throughout (d = 16, L = 12, 30 items, T = 5), so the file runs in seconds on CPU;
+the CLI test trains one epoch on a small synthetic log.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from contracts.tower import INPUT_ITEM_SEQ, INPUT_NOISE, INPUT_TIME_LAG, OUTPUT_USER_EMBEDDING
+from model.base import Batch
+from model.dimerec import DimeRec, geodesic_random_walk, l2_normalize
+from model.registry import DIMEREC_VARIANTS, build_model, make_config
+
+N_ITEMS = 30
+BATCH = 8
+SEQ_LEN = 12
+STEPS = 5
+NAMES = list(DIMEREC_VARIANTS)
+TINY = {"dim": 16, "max_seq_len": SEQ_LEN, "diffusion_steps": STEPS, "dam_hidden": 32}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def build(name: str = "dimerec", seed: int = 0, **extra: object) -> DimeRec:
+    torch.manual_seed(seed)
+    model = build_model(name, N_ITEMS, make_config(name, {**TINY, **extra}))
+    assert isinstance(model, DimeRec)
+    return model
+
+
+def tiny_batch() -> Batch:
+    """Left-padded windows of varied length (one empty, one full); the target is a fixed
+    function of the newest item."""
+    gen = torch.Generator().manual_seed(1)
+    lengths = torch.tensor([SEQ_LEN, 1, 5, 0, 7, SEQ_LEN, 3, 9])
+    tokens = torch.randint(1, N_ITEMS + 1, (BATCH, SEQ_LEN), generator=gen)
+    valid = torch.arange(SEQ_LEN)[None, :] >= SEQ_LEN - lengths[:, None]
+    item_seq = torch.where(valid, tokens, 0)
+    time_lag = torch.where(valid, torch.rand(BATCH, SEQ_LEN, generator=gen) * 1e5, 0.0)
+    target = (item_seq[:, SEQ_LEN - 1] * 7) % N_ITEMS + 1
+    return Batch(item_seq=item_seq, time_lag=time_lag.float(), target=target)
+
+
+def noise_for(model: DimeRec, seed: int = 0) -> torch.Tensor:
+    return torch.randn(model.noise_shape, generator=torch.Generator().manual_seed(seed))
+
+
+def eval_loss(model: DimeRec, batch: Batch) -> tuple[float, dict[str, float]]:
+    model.eval()
+    torch.manual_seed(123)
+    with torch.no_grad():
+        loss, parts = model.loss(batch)
+    return float(loss), {k: float(v) for k, v in parts.items()}
+
+
+def train_steps(model: DimeRec, batch: Batch, steps: int, lr: float = 1e-2) -> None:
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(steps):
+        loss, _ = model.loss(batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+# --------------------------------------------------------------------------- config
+
+
+def test_defaults_follow_the_paper() -> None:
+    config = make_config("dimerec")
+    assert config["interests"] == 4 and config["diffusion_steps"] == 20
+    assert config["recon_weight"] == 0.1 and 1.0 <= config["ssm_weight"] <= 10.0
+    assert config["gem_weight"] == 1.0 and config["geodesic"] and config["use_diffusion"]
+    assert make_config("comirec_sa")["use_diffusion"] is False
+    assert make_config("dimerec_no_gem")["gem_weight"] == 0.0
+    assert make_config("dimerec_no_recon")["recon_weight"] == 0.0
+    assert make_config("dimerec_no_ssm")["ssm_weight"] == 0.0
+    assert make_config("dimerec_no_grw")["geodesic"] is False
+    assert build("dimerec", diffusion_steps=7).noise_shape == (7, 16)
+
+
+# --------------------------------------------------------------------------- shapes
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_shapes_and_loss_parts(name: str) -> None:
+    model = build(name).eval()
+    batch = tiny_batch()
+    with torch.no_grad():
+        interests = model.interests(batch.item_seq, model.item_embeddings())
+        user = model.user_embedding(batch, noise_for(model))
+        scores = model.full_sort_scores(batch, noise_for(model))
+    assert interests.shape == (BATCH, 4, 16)
+    assert user.shape == (BATCH, 16) and scores.shape == (BATCH, N_ITEMS + 1)
+    assert torch.isfinite(user).all() and torch.isfinite(scores).all()
+    loss, parts = model.loss(batch)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    expected = {"gem"} if name == "comirec_sa" else {"gem", "recon", "ssm"}
+    assert set(parts) == expected
+
+
+def test_item_embeddings_on_the_sphere() -> None:
+    items = build("dimerec").item_embeddings()
+    assert torch.count_nonzero(items[0]) == 0  # padding
+    assert torch.allclose(items[1:].norm(dim=1), torch.ones(N_ITEMS), atol=1e-6)
+    raw = build("dimerec_no_grw")
+    assert torch.equal(raw.item_embeddings(), raw.item_emb.weight)  # Euclidean ablation
+
+
+# --------------------------------------------------------------------------- training
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_loss_decreases(name: str) -> None:
+    model = build(name)
+    batch = tiny_batch()
+    before, parts_before = eval_loss(model, batch)
+    torch.manual_seed(7)
+    train_steps(model, batch, 30)
+    after, parts_after = eval_loss(model, batch)
+    assert after < 0.8 * before, (before, after)
+    assert parts_after["gem"] < parts_before["gem"] or name == "dimerec_no_gem"
+    assert torch.count_nonzero(model.item_emb.weight[0]) == 0
+
+
+def test_loss_weights_switch_the_terms() -> None:
+    """Each ablation's total is the full weighted sum without its term."""
+    batch = tiny_batch()
+    for name, mu in (("dimerec", 1.0), ("dimerec_no_gem", 1.0), ("dimerec_no_ssm", 0.0)):
+        total, parts = eval_loss(build(name), batch)
+        gem = 0.0 if name == "dimerec_no_gem" else parts["gem"]
+        expected = gem + 0.1 * parts["recon"] + mu * parts["ssm"]
+        assert total == pytest.approx(expected, rel=1e-5)
+    total, parts = eval_loss(build("dimerec_no_recon"), batch)
+    assert total == pytest.approx(parts["gem"] + parts["ssm"], rel=1e-5)
+
+
+def test_sampled_softmax_option() -> None:
+    model = build("dimerec", negatives=10)
+    batch = tiny_batch()
+    before, _ = eval_loss(model, batch)
+    torch.manual_seed(7)
+    train_steps(model, batch, 30)
+    assert eval_loss(model, batch)[0] < 0.8 * before
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_deterministic_with_a_seed(name: str) -> None:
+    first, second = build(name, seed=3), build(name, seed=3)
+    batch = tiny_batch()
+    assert eval_loss(first, batch) == eval_loss(second, batch)
+    torch.manual_seed(5)
+    train_steps(first, batch, 3)
+    torch.manual_seed(5)
+    train_steps(second, batch, 3)
+    for a, b in zip(first.state_dict().values(), second.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------- diffusion
+
+
+def test_geodesic_random_walk_stays_on_the_sphere() -> None:
+    gen = torch.Generator().manual_seed(0)
+    x0 = l2_normalize(torch.randn(64, 16, generator=gen))
+    eps = torch.randn(64, 16, generator=gen)
+    for scale in (0.0, 1e-3, 0.1, 1.0, 3.0, 10.0):
+        xt = geodesic_random_walk(x0, eps, torch.full((64, 1), scale))
+        assert torch.allclose(xt.norm(dim=1), torch.ones(64), atol=1e-5)
+    # No noise: the walk stays put; a small step moves along the geodesic by its length.
+    assert torch.allclose(geodesic_random_walk(x0, eps, torch.zeros(64, 1)), x0, atol=1e-6)
+    tangent = eps - (eps * x0).sum(1, keepdim=True) * x0
+    small = 1e-2
+    xt = geodesic_random_walk(x0, eps, torch.full((64, 1), small))
+    angle = torch.arccos((xt * x0).sum(1).clamp(-1, 1))
+    assert torch.allclose(angle, small * tangent.norm(dim=1), rtol=1e-3, atol=1e-4)
+    # The model's forward process, at every step of the schedule.
+    model = build("dimerec")
+    t = torch.arange(STEPS).repeat_interleave(13)[:64]
+    xt = model._add_noise(x0, eps, t)
+    assert torch.allclose(xt.norm(dim=1), torch.ones(64), atol=1e-5)
+
+
+def test_reverse_process_is_unit_norm_and_reproducible() -> None:
+    model = build("dimerec").eval()
+    batch = tiny_batch()
+    with torch.no_grad():
+        a = model.user_embedding(batch, noise_for(model, 0))
+        again = model.user_embedding(batch, noise_for(model, 0))
+        other = model.user_embedding(batch, noise_for(model, 1))
+    assert torch.allclose(a.norm(dim=1), torch.ones(BATCH), atol=1e-5)
+    assert torch.equal(a, again)
+    assert not torch.allclose(a, other)
+    # Euclidean ablation: the same reproducibility, no sphere.
+    raw = build("dimerec_no_grw").eval()
+    with torch.no_grad():
+        first = raw.user_embedding(batch, noise_for(raw, 0))
+        second = raw.user_embedding(batch, noise_for(raw, 0))
+    assert torch.equal(first, second) and torch.isfinite(first).all()
+
+
+def test_comirec_scores_are_the_best_interest() -> None:
+    model = build("comirec_sa").eval()
+    train_steps(model, tiny_batch(), 5)
+    model.eval()
+    batch = tiny_batch()
+    with torch.no_grad():
+        interests = l2_normalize(model.interests(batch.item_seq, model.item_embeddings()))
+        per_interest = interests @ model.item_embeddings().T  # [B, K, N + 1]
+        scores = model.full_sort_scores(batch)
+        served = model.user_embedding(batch, noise_for(model))
+    assert torch.allclose(scores, per_interest.amax(dim=1))
+    # The served vector is one of the K (unit) interests, and ignores the noise.
+    match = (served[:, None, :] - interests).abs().amax(dim=2).amin(dim=1)
+    assert match.max() < 1e-6
+    with torch.no_grad():
+        assert torch.equal(served, model.user_embedding(batch, noise_for(model, 9)))
+
+
+# --------------------------------------------------------------------------- ONNX
+
+
+@pytest.mark.parametrize("name", ["dimerec", "comirec_sa", "dimerec_no_grw"])
+def test_onnx_parity(name: str, tmp_path: Path) -> None:
+    ort = pytest.importorskip("onnxruntime")
+    from model.export import export_onnx
+
+    model = build(name)
+    train_steps(model, tiny_batch(), 3)
+    path = tmp_path / "tower.onnx"
+    export_onnx(model, path, SEQ_LEN)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert {i.name for i in session.get_inputs()} == {INPUT_ITEM_SEQ, INPUT_TIME_LAG, INPUT_NOISE}
+    batch = tiny_batch()  # batch 8, traced at batch 2: the batch axis is dynamic
+    for seed in (0, 1):
+        noise = noise_for(model, seed)
+        with torch.no_grad():
+            expected = model.eval().user_embedding(batch, noise).numpy()
+        (got,) = session.run(
+            [OUTPUT_USER_EMBEDDING],
+            {
+                INPUT_ITEM_SEQ: batch.item_seq.numpy(),
+                INPUT_TIME_LAG: batch.time_lag.numpy(),
+                INPUT_NOISE: noise.numpy(),
+            },
+        )
+        assert got.shape == expected.shape
+        assert np.abs(got - expected).max() < 1e-4
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def test_cli_train_evaluate_export(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from t2diff_cli.main import app
+
+    runner = CliRunner()
+
+    def cli(*args: str) -> None:
+        result = runner.invoke(app, list(args))
+        assert result.exit_code == 0, result.output
+
+    data, run, artifacts = tmp_path / "data", tmp_path / "run", tmp_path / "artifacts" / "v1"
+    cli("data", "synth", "--out", str(data), "--users", "120", "--items", "60", "--clusters", "4")
+    cli(
+        "train", "--data", str(data), "--out", str(run), "--model", "dimerec",
+        "--epochs", "1", "--device", "cpu", "--no-progress",
+        "--set", "dim=16", "--set", "dam_hidden=32", "--set", "diffusion_steps=5",
+    )  # fmt: skip
+    meta = json.loads((run / "run.json").read_text())
+    assert meta["model_name"] == "dimerec" and meta["model_config"]["diffusion_steps"] == 5
+    history = json.loads((run / "history.json").read_text())
+    assert {"train_gem", "train_recon", "train_ssm"} <= set(history[0])
+    cli("evaluate", "--run", str(run), "--device", "cpu")
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert 0.0 <= metrics["dimerec"]["test"]["recall@20"] <= 1.0
+    cli("export", "--run", str(run), "--out", str(artifacts))
+    manifest = json.loads((artifacts / "manifest.json").read_text())
+    assert manifest["model_name"] == "dimerec" and manifest["noise_shape"] == [5, 16]
+    assert manifest["diffusion_steps"] == 5
+    embeddings = np.load(artifacts / "item_embeddings.npy")
+    assert np.allclose(np.linalg.norm(embeddings, axis=1), 1.0, atol=1e-5)
