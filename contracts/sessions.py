@@ -7,7 +7,12 @@ Layout (documented in README.md, "Sessions in Redis"):
   with ``repr``) and the raw item id as a string; ``|`` splits at its first occurrence, so
   item ids may contain ``|``;
 * the list is capped at ``max_len`` elements (``RPUSH`` then ``LTRIM -max_len -1`` in one
-  transaction), so the newest behaviours survive.
+  transaction), so the newest behaviours survive;
+* an event written with an ``event_id`` (``POST /events``) also sets the STRING key
+  ``{prefix}:event:{len(user_id)}:{user_id}:{event_id}`` = ``"1"`` with ``SET NX EX ttl``
+  in the same atomic script as the push: a retried event whose key still exists is not
+  pushed twice.  The user id's length makes the key unambiguous even when ids contain
+  ``:``.  Nothing reads these keys' values.
 
 Values are parsed strictly: an element that does not match the layout is skipped and
 counted, never evaluated.
@@ -25,6 +30,11 @@ MAX_ID_LENGTH = 128
 
 def session_key(user_id: str, prefix: str = DEFAULT_PREFIX) -> str:
     return f"{prefix}:session:{user_id}"
+
+
+def event_key(user_id: str, event_id: str, prefix: str = DEFAULT_PREFIX) -> str:
+    """Idempotency key of one written event (see the module docstring)."""
+    return f"{prefix}:event:{len(user_id)}:{user_id}:{event_id}"
 
 
 def encode_event(item_id: str, timestamp: float) -> str:

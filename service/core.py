@@ -6,6 +6,7 @@ Blocking (ONNX Runtime, FAISS): callers on an event loop run it in a worker thre
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -71,12 +72,19 @@ class RecallEngine:
         self._item_ids = tower.item_ids
 
     def recall_batch(
-        self, requests: Sequence[RecallRequest], sessions: Sequence[Session], now: float
+        self,
+        requests: Sequence[RecallRequest],
+        sessions: Sequence[Session],
+        now: float,
+        timings: dict[str, float] | None = None,
     ) -> list[RecallResult]:
         """One result per request, in order; ``sessions[i]`` belongs to ``requests[i]``.
 
         Users with at least one known item are embedded as one batch and searched with one
-        FAISS call; the others get the most popular items, flagged ``cold_start``.
+        FAISS call; the others get the most popular items, flagged ``cold_start``.  When
+        ``timings`` is given, the seconds spent in the stages ``tower`` (ONNX Runtime),
+        ``ann`` (FAISS, seen items excluded there) and ``filter`` (rows to ids and results)
+        are stored in it, for the whole batch.
         """
         if len(requests) != len(sessions):
             raise ValueError("requests and sessions differ in length")
@@ -93,10 +101,10 @@ class RecallEngine:
                 tokens.append(user_tokens)
                 stamps.append(user_stamps)
             else:
-                results[i] = self._cold_start(request)
+                results[i] = self.cold_start(request)
         if warm:
             for i, result in zip(
-                warm, self._search(requests, warm, tokens, stamps, now), strict=True
+                warm, self._search(requests, warm, tokens, stamps, now, timings), strict=True
             ):
                 results[i] = result
         return [r for r in results if r is not None]
@@ -108,8 +116,11 @@ class RecallEngine:
         tokens: list[list[int]],
         stamps: list[list[float]],
         now: float,
+        timings: dict[str, float] | None = None,
     ) -> list[RecallResult]:
+        started = time.perf_counter()
         queries = self.tower.embed_tokens(tokens, stamps, now)
+        embedded = time.perf_counter()
         k_max = max(requests[i].k for i in warm)
         if any(requests[i].exclude_seen for i in warm):
             # Seen rows cover the whole stored session, not only the model's window: the
@@ -121,6 +132,7 @@ class RecallEngine:
             scores, rows = self.index.search_excluding(queries, k_max, exclude, nprobe=self.nprobe)
         else:
             scores, rows = self.index.search(queries, k_max, nprobe=self.nprobe)
+        searched = time.perf_counter()
         out: list[RecallResult] = []
         for position, i in enumerate(warm):
             request = requests[i]
@@ -133,9 +145,36 @@ class RecallEngine:
                 )
             ]
             out.append(self._result(request, items, cold_start=False))
+        if timings is not None:
+            timings["tower"] = embedded - started
+            timings["ann"] = searched - embedded
+            timings["filter"] = time.perf_counter() - searched
         return out
 
-    def _cold_start(self, request: RecallRequest) -> RecallResult:
+    def popular_items(
+        self, k: int, exclude: set[str] | frozenset[str] = frozenset()
+    ) -> list[RecallItem]:
+        """The ``k`` most popular items not in ``exclude`` (raw ids), scored by their share
+        of interactions.  Cheap (no ONNX, no FAISS): the degraded answer when a request's
+        budget or a dependency fails, computed on the event loop."""
+        share = self.tower.popularity_share
+        items: list[RecallItem] = []
+        for r in self.tower.popular_rows:
+            item = self._item_ids[int(r)]
+            if item in exclude:
+                continue
+            items.append(RecallItem(item, float(share[r])))
+            if len(items) >= k:
+                break
+        return items
+
+    def warm_up(self) -> None:
+        """One tiny recall, so ORT and FAISS allocate their buffers before real traffic."""
+        if self._item_ids:
+            first = Session([self._item_ids[0]], [0.0])
+            self.recall_batch([RecallRequest("warm-up", 1, True)], [first], 1.0)
+
+    def cold_start(self, request: RecallRequest) -> RecallResult:
         # Score = the item's share of interactions, so cold-start scores are comparable
         # across versions and obviously not inner products.
         rows = self.tower.popular_rows[: request.k]

@@ -11,20 +11,69 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import redis
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
 
-from contracts.sessions import DEFAULT_PREFIX, Session, decode_session, encode_event, session_key
+from contracts.sessions import (
+    DEFAULT_PREFIX,
+    Session,
+    decode_session,
+    encode_event,
+    event_key,
+    session_key,
+)
 
 if TYPE_CHECKING:  # model.data needs pandas, which a serving install may not have.
     from model.data import SequenceData
     from service.settings import Settings
 
 log = logging.getLogger(__name__)
+
+# Append one user's events atomically (a Lua script runs alone on the server): for each
+# event, if it carries an id, SET its idempotency key NX with a TTL and skip the event when
+# the key already existed; RPUSH the others; LTRIM the list to its cap.  Returns the number
+# pushed.  KEYS[1] = the session list, KEYS[2..] = the idempotency keys of the events that
+# have an id, in order; ARGV = max_len, ttl, then per event its encoded value and "1"/"0"
+# (has an idempotency key).
+APPEND_EVENTS_LUA = """
+local max_len = tonumber(ARGV[1])
+local ttl = tonumber(ARGV[2])
+local n = (#ARGV - 2) / 2
+local next_key = 2
+local pushed = 0
+for i = 1, n do
+  local value = ARGV[1 + 2 * i]
+  local fresh = true
+  if ARGV[2 + 2 * i] == "1" then
+    fresh = redis.call("SET", KEYS[next_key], "1", "NX", "EX", ttl)
+    next_key = next_key + 1
+  end
+  if fresh then
+    redis.call("RPUSH", KEYS[1], value)
+    pushed = pushed + 1
+  end
+end
+if pushed > 0 then
+  redis.call("LTRIM", KEYS[1], -max_len, -1)
+end
+return pushed
+"""
+
+
+@dataclass(frozen=True)
+class NewEvent:
+    """One behaviour to append: raw item id, Unix seconds, optional idempotency id."""
+
+    user_id: str
+    item_id: str
+    timestamp: float
+    event_id: str | None = None
 
 
 class SessionStore:
@@ -59,6 +108,7 @@ class SessionStore:
             retry=Retry(NoBackoff(), retries),
         )
         self._client = aioredis.Redis(connection_pool=self._pool)
+        self._append_events = self._client.register_script(APPEND_EVENTS_LUA)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> SessionStore:
@@ -103,6 +153,39 @@ class SessionStore:
             pipe.ltrim(key, -max_len, -1)
             pushed, _ = await pipe.execute()
         return int(pushed)
+
+    async def append_events(
+        self, events: Sequence[NewEvent], max_len: int, dedup_ttl_s: int
+    ) -> tuple[int, int]:
+        """Append events (in the given order per user), idempotently on ``event_id``.
+
+        Each user's events go in one atomic script (push, idempotency keys, cap); the users
+        of one call share one pipelined round trip.  Returns (written, duplicates).
+        """
+        by_user: dict[str, list[NewEvent]] = {}
+        for event in events:
+            by_user.setdefault(event.user_id, []).append(event)
+        if not by_user:
+            return 0, 0
+        async with self._client.pipeline(transaction=False) as pipe:
+            for user_id, user_events in by_user.items():
+                keys = [self.key(user_id)]
+                args: list[str | int] = [max_len, dedup_ttl_s]
+                for event in user_events:
+                    args.append(encode_event(event.item_id, event.timestamp))
+                    if event.event_id is None:
+                        args.append("0")
+                    else:
+                        args.append("1")
+                        keys.append(event_key(user_id, event.event_id, self.prefix))
+                await self._append_events(keys=keys, args=args, client=pipe)
+            replies = await pipe.execute()
+        written = 0
+        for reply in replies:
+            if isinstance(reply, bool) or not isinstance(reply, int):
+                raise RedisError(f"unexpected reply from the append script: {reply!r}")
+            written += reply
+        return written, len(events) - written
 
     async def ping(self) -> bool:
         return bool(await self._client.ping())

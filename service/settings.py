@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from contracts.sessions import DEFAULT_MAX_LEN, DEFAULT_PREFIX
@@ -47,15 +47,57 @@ class Settings(BaseSettings):
     # each library already parallelises over, and raise tail latency.
     inference_concurrency: int = Field(default=4, gt=0)
 
+    # Latency budget.  A recall answers within min(budget, the caller's deadline header):
+    # a stage that would overrun it is abandoned and the answer falls back to popular items
+    # (marked ``degraded``).  ``max_budget_ms`` bounds what a request may ask for.
+    budget_ms: int = Field(default=200, gt=0, le=60_000)
+    max_budget_ms: int = Field(default=5_000, gt=0, le=60_000)
+
+    # Micro-batching of concurrent /recall requests into one engine call.  A request that
+    # finds no batch in flight is dispatched at once; while one is in flight, newcomers are
+    # gathered for at most batch_wait_ms (or until max_batch).  max_batch=1 turns it off.
+    batch_wait_ms: float = Field(default=2.0, ge=0, le=1000)
+    max_batch: int = Field(default=64, gt=0, le=4096)
+
+    # Overload: at most max_in_flight requests (recall + events) in the process; more are
+    # shed with 503 + Retry-After instead of queueing without bound.
+    max_in_flight: int = Field(default=256, gt=0)
+    retry_after_s: int = Field(default=1, gt=0, le=3600)
+    # Circuit breaker on Redis: after this many consecutive failures, skip Redis for
+    # redis_breaker_open_ms (answers degraded at once), then try again.
+    redis_breaker_failures: int = Field(default=5, gt=0)
+    redis_breaker_open_ms: int = Field(default=250, gt=0, le=60_000)
+
+    # Writes (POST /events) and input bounds.
+    max_events_per_request: int = Field(default=100, gt=0, le=10_000)
+    event_dedup_ttl_s: int = Field(default=86_400, gt=0)
+    max_body_bytes: int = Field(default=65_536, gt=0, le=16 * 1024 * 1024)
+
+    # Hot swap: poll the realpaths of artifacts_dir and index_dir every watch_interval_s
+    # seconds and load a newly promoted version (0 = off; POST /admin/reload still works).
+    watch_interval_s: float = Field(default=5.0, ge=0)
+
+    # Admin endpoints (POST /admin/reload) need "Authorization: Bearer <token>"; without a
+    # token they do not exist (404).
+    admin_token: SecretStr | None = None
+    # CORS: off (no header sent) unless origins are listed.
+    cors_origins: list[str] = Field(default_factory=list)
+
     # Threads.  FAISS defaults to one OpenMP thread per core *per call*; with concurrent
     # requests that oversubscribes the CPU, so serving uses 1 and scales by concurrency.
     faiss_threads: int = Field(default=1, gt=0)
     ort_intra_threads: int | None = Field(default=None, gt=0, description="None = ORT default")
+    # AnyIO's default thread limiter (FastAPI's sync code and file loads); inference has its
+    # own limiter of inference_concurrency tokens.
+    default_thread_limit: int = Field(default=16, gt=0, le=1024)
 
     # HTTP server.
     host: str = "127.0.0.1"
     port: int = Field(default=8000, gt=0, lt=65536)
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    log_json: bool = True
+    # uvicorn worker processes; each loads its own model, index and Redis pool.
+    workers: int = Field(default=1, gt=0, le=64)
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -67,4 +109,16 @@ class Settings(BaseSettings):
     def _k_bounds(self) -> Settings:
         if self.default_k > self.max_k:
             raise ValueError(f"default_k ({self.default_k}) exceeds max_k ({self.max_k})")
+        if self.budget_ms > self.max_budget_ms:
+            raise ValueError(
+                f"budget_ms ({self.budget_ms}) exceeds max_budget_ms ({self.max_budget_ms})"
+            )
         return self
+
+    @field_validator("admin_token", mode="after")
+    @classmethod
+    def _empty_token_is_none(cls, value: SecretStr | None) -> SecretStr | None:
+        # T2DIFF_ADMIN_TOKEN= (empty) must not enable admin with an empty password.
+        if value is not None and not value.get_secret_value().strip():
+            return None
+        return value

@@ -55,6 +55,9 @@ def make_settings(artifacts: Path, index: Path, redis_url: str) -> Settings:
         # Generous for a loaded CI box; production keeps the tight defaults.
         redis_timeout_ms=1000,
         redis_pool_timeout_ms=1000,
+        # A loaded 2-core CI box must not turn these meaning tests into degraded answers.
+        budget_ms=5000,
+        watch_interval_s=0,
     )
 
 
@@ -254,17 +257,19 @@ def test_readyz_503_when_redis_unreachable(
     )
     assert set(reasons) == {"redis"}
     assert "cannot reach Redis" in reasons["redis"]
-    assert recall_status == 503
+    assert recall_status == 200  # a degraded answer, not an error (see below)
     assert health == 200
 
 
-def test_recall_503_detail_when_redis_unreachable(
+def test_recall_degraded_when_redis_unreachable(
     tiny_export: Path, tiny_index: Path, closed_redis_url: str
 ) -> None:
     with TestClient(create_app(make_settings(tiny_export, tiny_index, closed_redis_url))) as c:
-        response = c.post("/recall", json={"user_id": "alice"})
-    assert response.status_code == 503
-    assert "session store unavailable" in response.json()["detail"]
+        response = c.post("/recall", json={"user_id": "alice", "k": 5})
+    assert response.status_code == 200
+    body = response.json()
+    assert body["degraded"] is True and body["degraded_reason"] == "redis_error"
+    assert len(body["items"]) == 5 and body["cold_start"] is False
 
 
 def test_readyz_503_when_index_is_of_another_model(

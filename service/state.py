@@ -1,0 +1,283 @@
+"""What one app instance holds: the engine being served, the session store, the batcher,
+the Redis circuit breaker, and the hot-swap logic.
+
+Hot swap.  ``artifacts_dir`` and ``index_dir`` are normally the links ``artifacts/current``
+and ``indexes/current``; a promotion re-points them (index first, then artifacts).  The
+watcher polls both links' realpaths; when they changed and both manifests name the same
+``model_version`` (so a half-done promotion is never loaded), it loads the new tower and
+index *beside* the old ones in a thread, warms them up, then replaces the single
+``engine`` reference.  A request reads that reference once and uses the object it got for
+its whole life, so it never mixes versions; the old engine is freed when the last request
+holding it finishes.  A failed load keeps the old version serving, and is logged and
+counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.to_thread
+from redis.exceptions import RedisError
+
+from contracts.manifest import ArtifactError, read_manifest
+from service.batcher import MicroBatcher
+from service.core import RecallEngine
+from service.observability import Metrics
+from service.sessions import SessionStore
+from service.settings import Settings
+from service.tower import UserTowerRunner
+
+log = logging.getLogger(__name__)
+
+# What a failing Redis call can raise: redis-py wraps most socket errors, but not all.
+REDIS_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
+
+
+def reason_of(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+class RedisBreaker:
+    """Consecutive-failure circuit breaker: after ``failures`` failed calls in a row, calls
+    are refused for ``open_s`` seconds (requests answer degraded at once instead of each
+    waiting on a dead Redis); then calls are let through again, and the first success
+    closes it."""
+
+    def __init__(self, failures: int, open_s: float) -> None:
+        self.failures = failures
+        self.open_s = open_s
+        self._consecutive = 0
+        self._open_until = 0.0
+
+    def allow(self) -> bool:
+        return time.monotonic() >= self._open_until
+
+    @property
+    def is_open(self) -> bool:
+        return not self.allow()
+
+    def success(self) -> None:
+        self._consecutive = 0
+        self._open_until = 0.0
+
+    def failure(self) -> None:
+        self._consecutive += 1
+        if self._consecutive >= self.failures:
+            self._open_until = time.monotonic() + self.open_s
+
+
+def resolve(path: Path) -> str:
+    return os.path.realpath(path)
+
+
+class ServiceState:
+    """What the lifespan loaded, and why whatever is missing is missing."""
+
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.engine: RecallEngine | None = None
+        # Realpaths (artifacts, index) the engine was loaded from.
+        self.loaded_paths: tuple[str, str] | None = None
+        self.store: SessionStore | None = None
+        self.errors: dict[str, str] = {}
+        self.batcher: MicroBatcher | None = None
+        self.breaker = RedisBreaker(
+            settings.redis_breaker_failures, settings.redis_breaker_open_ms / 1000
+        )
+        self.in_flight = 0
+        self._reload_lock = asyncio.Lock()
+        self._last_attempt: tuple[str, str] | None = None
+        self._watcher: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        settings = self.settings
+        # AnyIO's default limiter serves FastAPI's sync code and our file loads; inference
+        # has its own limiter (the batcher's), so the two never starve each other.
+        anyio.to_thread.current_default_thread_limiter().total_tokens = (
+            settings.default_thread_limit
+        )
+        from index_builder.loaded import configure_threads
+
+        configure_threads(settings.faiss_threads)
+        paths = (resolve(settings.artifacts_dir), resolve(settings.index_dir))
+        self._last_attempt = paths
+        # Loading reads and checksums files (seconds for a large model): in a thread.
+        engine, errors = await anyio.to_thread.run_sync(self._load_engine, *paths)
+        self.errors.update(errors)
+        if engine is not None:
+            self._install(engine, paths)
+        try:
+            self.store = SessionStore.from_settings(settings)
+        except Exception as exc:  # e.g. a malformed URL: report it, do not crash
+            self.errors["redis"] = reason_of(exc)
+            log.error("session store not configured: %s", self.errors["redis"])
+        self.batcher = MicroBatcher(
+            settings.inference_concurrency,
+            settings.max_batch,
+            settings.batch_wait_ms / 1000,
+            self.metrics,
+        )
+        self.batcher.start()
+        if settings.watch_interval_s > 0:
+            self._watcher = asyncio.create_task(self._watch_forever(), name="version-watcher")
+
+    async def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            await asyncio.gather(self._watcher, return_exceptions=True)
+        if self.batcher is not None:
+            await self.batcher.close()
+        if self.store is not None:
+            await self.store.close()
+
+    async def readiness(self) -> dict[str, str]:
+        """Reasons the service cannot answer now; empty when ready."""
+        reasons = dict(self.errors)
+        if self.store is not None:
+            try:
+                await asyncio.wait_for(
+                    self.store.ping(), self.settings.redis_connect_timeout_ms / 1000 + 1
+                )
+            except REDIS_ERRORS as exc:
+                reasons["redis"] = f"cannot reach Redis: {reason_of(exc)}"
+        return reasons
+
+    # ------------------------------------------------------------------ loading
+
+    def _load_engine(
+        self, artifacts: str, index_dir: str
+    ) -> tuple[RecallEngine | None, dict[str, str]]:
+        """Load tower + index from these (resolved) dirs; (engine or None, reasons)."""
+        settings = self.settings
+        errors: dict[str, str] = {}
+        tower = index = None
+        try:
+            tower = UserTowerRunner(Path(artifacts), settings.ort_intra_threads)
+        except Exception as exc:  # any failure (checksums, ORT, numpy) is a reason
+            errors["tower"] = reason_of(exc)
+            _log_load_failure(exc, "user tower not loaded from %s", artifacts)
+        try:
+            # Imported here: loading FAISS is part of loading the index, and a broken FAISS
+            # install must surface as a readiness reason.
+            from index_builder.loaded import load_index
+
+            index = load_index(Path(index_dir))
+        except Exception as exc:
+            errors["index"] = reason_of(exc)
+            _log_load_failure(exc, "index not loaded from %s", index_dir)
+        if tower is None or index is None:
+            return None, errors
+        try:
+            engine = RecallEngine(tower, index, nprobe=settings.nprobe)
+            engine.warm_up()
+        except Exception as exc:
+            errors["engine"] = reason_of(exc)
+            log.error("tower and index do not fit together: %s", errors["engine"])
+            return None, errors
+        return engine, errors
+
+    def _install(self, engine: RecallEngine, paths: tuple[str, str]) -> None:
+        # One reference assignment: requests that already hold the old engine finish with it.
+        self.engine = engine
+        self.loaded_paths = paths
+        for key in ("tower", "index", "engine"):
+            self.errors.pop(key, None)
+        self.metrics.set_version(engine.model_version, engine.index_version)
+
+    async def reload(self, trigger: str, force: bool = False) -> dict[str, Any]:
+        """Load the version the configured dirs point at now, and swap it in.
+
+        Without ``force`` nothing is loaded when the realpaths are those already served
+        (or last tried), or while the two manifests name different model versions (a
+        promotion half done).  Returns ``{"status": "unchanged"|"waiting"|"reloaded"|
+        "failed", ...}``; on failure the old version keeps serving.
+        """
+        async with self._reload_lock:
+            paths = (resolve(self.settings.artifacts_dir), resolve(self.settings.index_dir))
+            if not force and paths in (self.loaded_paths, self._last_attempt):
+                return {"status": "unchanged"}
+            try:
+                model_a, model_i = await anyio.to_thread.run_sync(_manifest_models, *paths)
+            except ArtifactError as exc:
+                return self._failed(trigger, paths, {"manifest": reason_of(exc)})
+            if model_a != model_i:
+                if force:
+                    return self._failed(
+                        trigger,
+                        paths,
+                        {"engine": f"artifacts model {model_a} != index model {model_i}"},
+                    )
+                log.info("promotion in progress (artifacts %s, index %s)", model_a, model_i)
+                return {"status": "waiting"}
+            self._last_attempt = paths
+            started = time.perf_counter()
+            engine, errors = await anyio.to_thread.run_sync(self._load_engine, *paths)
+            if engine is None:
+                return self._failed(trigger, paths, errors)
+            old = self.engine
+            self._install(engine, paths)
+            del old, engine
+            # The old ONNX session and FAISS index are large: free them now, not whenever.
+            await anyio.to_thread.run_sync(gc.collect)
+            self.metrics.reloads.labels(trigger, "success").inc()
+            assert self.engine is not None
+            log.info(
+                "now serving model %s index %s (loaded in %.2fs, trigger %s)",
+                self.engine.model_version,
+                self.engine.index_version,
+                time.perf_counter() - started,
+                trigger,
+                extra={"artifacts": paths[0], "index": paths[1]},
+            )
+            return {
+                "status": "reloaded",
+                "model_version": self.engine.model_version,
+                "index_version": self.engine.index_version,
+            }
+
+    def _failed(
+        self, trigger: str, paths: tuple[str, str], errors: dict[str, str]
+    ) -> dict[str, Any]:
+        self._last_attempt = paths
+        self.metrics.reloads.labels(trigger, "failure").inc()
+        log.error(
+            "version not loaded, still serving %s: %s",
+            self.engine.model_version if self.engine else "nothing",
+            errors,
+            extra={"artifacts": paths[0], "index": paths[1]},
+        )
+        return {"status": "failed", "errors": errors}
+
+    async def _watch_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.watch_interval_s)
+            try:
+                await self.reload("watch")
+            except Exception:  # never let the watcher die
+                log.exception("version watcher failed")
+
+
+def _manifest_models(artifacts: str, index_dir: str) -> tuple[str, str]:
+    # verify=False: only the version fields are compared here; the load verifies files.
+    art = read_manifest(Path(artifacts), verify=False)
+    idx = read_manifest(Path(index_dir), verify=False)
+    return str(art.get("model_version")), str(idx.get("model_version"))
+
+
+def _log_load_failure(exc: BaseException, message: str, path: object) -> None:
+    # An ArtifactError is an expected, fully explained refusal (missing dir, bad checksum):
+    # one line.  Anything else is a bug or a broken install: keep the traceback.
+    if isinstance(exc, ArtifactError):
+        log.error(message + ": %s", path, exc)
+    else:
+        log.exception(message, path)
