@@ -41,6 +41,12 @@ def main() -> int:
         help="MODEL_OR_JOB:key=value, applied to jobs of that model or name",
     )
     parser.add_argument("--tar", type=Path, default=None)
+    parser.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the step")
+    parser.add_argument("--resume", action="store_true", help="continue from checkpoint.pt")
+    parser.add_argument(
+        "--keep-checkpoints", action="store_true", help="put checkpoint.pt in the --tar too"
+    )
     parser.add_argument("jobs", nargs="+", help="model:seed or name=model:seed")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -78,6 +84,7 @@ def main() -> int:
             str(args.max_minutes),
             "--no-progress",
         ]
+        train += [f"--{flag}" for flag in ("amp", "compile", "resume") if getattr(args, flag)]
         for pair in sets:
             train += ["--set", pair]
         evaluate = [
@@ -141,7 +148,11 @@ def main() -> int:
             tar.add(
                 args.out,
                 arcname=args.out.name,
-                filter=lambda info: None if info.name.endswith("checkpoint.pt") else info,
+                filter=lambda info: (
+                    None
+                    if info.name.endswith("checkpoint.pt") and not args.keep_checkpoints
+                    else info
+                ),
             )
     return 0 if len(rows) == len(processes) else 1
 

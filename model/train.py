@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,6 +36,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     amp: bool = False  # bf16 autocast on CUDA (ignored on CPU); TF32 matmuls are always on
+    compile: bool = False  # torch.compile the loss (fuses the U-Net's small kernels on a GPU)
     select_metric: str = "ndcg@10"
     exclude_seen: bool = True
     max_minutes: float | None = None
@@ -68,6 +70,49 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
+class _LossModule(torch.nn.Module):
+    """``model.loss`` as a ``forward``: DDP syncs gradients only through ``forward`` calls."""
+
+    def __init__(self, model: SequentialRecommender) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return self.model.loss(batch)
+
+
+@dataclass
+class Distributed:
+    """Where this process sits in a ``torchrun`` job (rank 0 of 1 without one)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls) -> Distributed:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return cls()
+        return cls(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def _init_distributed(dist_info: Distributed, device: torch.device) -> torch.device:
+    """Join the torchrun process group: NCCL with one GPU per process, gloo on CPU."""
+    if dist_info.world_size == 1:
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", dist_info.local_rank)
+        torch.cuda.set_device(device)
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
 def _write_json(path: Path, payload: Any) -> None:
     path.write_text(json.dumps(payload, indent=2, sort_keys=True, default=float))
 
@@ -83,10 +128,13 @@ def train_run(
     """Train ``model_name`` on ``source`` into ``run_dir``; returns the run summary."""
     config = config or TrainConfig()
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    dist_info = Distributed.from_env()
+    if dist_info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    # Same seed on every rank: identical initial weights (DDP also broadcasts rank 0's).
     torch.manual_seed(config.seed)
     np.random.seed(config.seed)
-    device = pick_device(config.device)
+    device = _init_distributed(dist_info, pick_device(config.device))
     data = load_sequences(Path(source.path), source.format, source.min_length)
     split = leave_one_out(data)
     popularity = item_popularity(data, split.train_targets)
@@ -104,8 +152,9 @@ def train_run(
         "item_ids": data.item_ids.tolist(),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    _write_json(run_dir / "run.json", meta)
-    np.save(run_dir / "item_popularity.npy", popularity[1:])
+    if dist_info.is_main:
+        _write_json(run_dir / "run.json", meta)
+        np.save(run_dir / "item_popularity.npy", popularity[1:])
 
     sequences = DeviceSequences.from_data(data, device)
     train_targets = torch.as_tensor(split.train_targets, device=device)
@@ -125,18 +174,37 @@ def train_run(
             state["best_epoch"],
         )
         history = json.loads((run_dir / "history.json").read_text())
-    writer = _tensorboard(run_dir)
+    writer = _tensorboard(run_dir) if dist_info.is_main else None
     use_amp = config.amp and device.type == "cuda"
+    # The same generator seed on every rank: all ranks draw the same permutation and each
+    # takes its own stride of it, so the shards are disjoint and cover the epoch.
     generator = torch.Generator(device=device).manual_seed(config.seed)
     started = time.monotonic()
     trainable = any(p.requires_grad for p in model.parameters()) and model_name != "popularity"
     epochs = config.epochs if trainable else 1
+    loss_module: torch.nn.Module = _LossModule(model)
+    if dist_info.world_size > 1 and trainable:
+        # Unused parameters exist in some variants (the U-Net of "mixed attention only").
+        loss_module = torch.nn.parallel.DistributedDataParallel(
+            loss_module,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=True,
+        )
+    if config.compile and trainable:
+        loss_module = torch.compile(loss_module)  # type: ignore[assignment]
     for epoch in range(start_epoch, epochs):
         model.train()
         order = train_targets[
             torch.randperm(len(train_targets), device=device, generator=generator)
         ]
+        order = order[dist_info.rank :: dist_info.world_size]
+        if dist_info.world_size > 1:
+            # Equal shard lengths: every rank must run the same number of steps.
+            order = order[: len(train_targets) // dist_info.world_size]
         n_batches = math.ceil(len(order) / config.batch_size) if trainable else 0
+        if config.compile:
+            # Whole batches only: a smaller last batch would recompile the graph.
+            n_batches = max(len(order) // config.batch_size, 1) if trainable else 0
         totals: dict[str, torch.Tensor] = {}
         epoch_start = time.monotonic()
         bar = tqdm(
@@ -147,7 +215,7 @@ def train_run(
                 order[index * config.batch_size : (index + 1) * config.batch_size], max_len
             )
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                loss, parts = model.loss(batch)
+                loss, parts = loss_module(batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
@@ -156,6 +224,11 @@ def train_run(
                 totals[name] = totals.get(name, 0.0) + value.float()
         train_seconds = time.monotonic() - epoch_start
         losses = {k: float(v) / max(n_batches, 1) for k, v in totals.items()}
+        if not dist_info.is_main:
+            # Rank 0 evaluates and writes; the others wait for its stop decision.
+            if _broadcast_stop(dist_info, device, None):
+                break
+            continue
         valid = evaluate(model, sequences, split.valid_targets, max_len, config.exclude_seen)
         record = {
             "epoch": epoch,
@@ -193,7 +266,8 @@ def train_run(
             config.max_minutes is not None
             and (time.monotonic() - started) / 60 > config.max_minutes
         )
-        if epoch - best_epoch >= config.patience or out_of_time:
+        stop = epoch - best_epoch >= config.patience or out_of_time
+        if _broadcast_stop(dist_info, device, stop) or stop:
             break
     if writer is not None:
         writer.close()
@@ -204,8 +278,21 @@ def train_run(
         "train_minutes": (time.monotonic() - started) / 60,
     }
     meta.update(summary)
-    _write_json(run_dir / "run.json", meta)
+    if dist_info.is_main:
+        _write_json(run_dir / "run.json", meta)
+    if dist_info.world_size > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     return summary
+
+
+def _broadcast_stop(dist_info: Distributed, device: torch.device, stop: bool | None) -> bool:
+    """Rank 0's early-stopping decision, shared with every rank (False without torchrun)."""
+    if dist_info.world_size == 1:
+        return False
+    flag = torch.tensor([1 if stop else 0], device=device)
+    torch.distributed.broadcast(flag, src=0)
+    return bool(flag.item())
 
 
 def _tensorboard(run_dir: Path) -> Any:

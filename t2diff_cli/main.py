@@ -7,16 +7,20 @@ needs it, so ``t2diff serve`` works in an image without torch and ``--help`` is 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+
+from t2diff_cli.release_cmds import register as register_release_commands
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False)
 data_app = typer.Typer(help="Synthetic data and data sets.", no_args_is_help=True)
 sessions_app = typer.Typer(help="User sessions in Redis.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(sessions_app, name="sessions")
+register_release_commands(app)  # rebuild, promote, rollback, release status|validate
 
 FormatOption = Annotated[
     str, typer.Option("--format", help="auto | csv | tsv | parquet | ml-1m | ml-100k")
@@ -77,9 +81,17 @@ def train(
         list[str] | None, typer.Option("--set", help="model option key=value, repeatable")
     ] = None,
     resume: Annotated[bool, typer.Option(help="continue from checkpoint.pt")] = False,
+    amp: Annotated[bool, typer.Option(help="bf16 autocast on CUDA")] = False,
+    compile_: Annotated[
+        bool, typer.Option("--compile", help="torch.compile the training step")
+    ] = False,
     progress: bool = True,
 ) -> None:
-    """Train a model on a log with leave-one-out validation and early stopping."""
+    """Train a model on a log with leave-one-out validation and early stopping.
+
+    Multi-GPU (or multi-process CPU) data parallel: launch under torchrun, e.g.
+    ``torchrun --nproc-per-node 2 -m t2diff_cli.main train ...``; rank 0 evaluates and writes.
+    """
     from model.data import DataError
     from model.train import DataSource, TrainConfig, train_run
 
@@ -91,6 +103,8 @@ def train(
         seed=seed,
         device=device,
         max_minutes=max_minutes,
+        amp=amp,
+        compile=compile_,
         progress=progress,
     )
     try:
@@ -104,7 +118,8 @@ def train(
         )
     except (DataError, ValueError) as exc:
         _fail(str(exc))
-    typer.echo(json.dumps(summary, indent=2))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the job
+        typer.echo(json.dumps(summary, indent=2))
 
 
 @app.command()
