@@ -136,7 +136,9 @@ class UserTowerRunner:
     def _check_item_table(self) -> None:
         # Only the header is read (mmap): the vectors themselves live in the FAISS index.
         try:
-            table = np.load(self.artifacts_dir / ITEM_EMBEDDINGS_FILE, mmap_mode="r")
+            table = np.load(
+                self.artifacts_dir / ITEM_EMBEDDINGS_FILE, mmap_mode="r", allow_pickle=False
+            )
         except (OSError, ValueError) as exc:
             raise ArtifactError(f"{ITEM_EMBEDDINGS_FILE}: unreadable ({exc})") from exc
         if table.shape != (self.num_items, self.embedding_dim):
@@ -152,7 +154,7 @@ class UserTowerRunner:
             # get the first rows, which is at least deterministic).
             return np.ones(self.num_items, dtype=np.float64)
         try:
-            popularity = np.load(path).astype(np.float64)
+            popularity = np.load(path, allow_pickle=False).astype(np.float64)
         except (OSError, ValueError) as exc:
             raise ArtifactError(f"{POPULARITY_FILE}: unreadable ({exc})") from exc
         if popularity.shape != (self.num_items,):

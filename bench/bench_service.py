@@ -1,0 +1,210 @@
+"""Throughput and latency of ``POST /recall`` through a real uvicorn server and real Redis,
+with micro-batching on and off, at 1, 8 and 64 concurrent clients.
+
+    .venv/bin/python bench/bench_service.py [--seconds 5] [--items 20000] [--out FILE.md]
+
+It builds a synthetic user-tower export (the tests' mean-pool ONNX graph over a clustered
+item table, ``tests/service_fixtures.py``) and its FAISS index with the project's builder,
+starts a private ``redis-server`` with one warm session per user, then for each setting
+starts ``python -m service.server`` (one worker, settings from ``T2DIFF_*``) and drives it
+with httpx async clients in this process.  Reports p50/p95/p99 latency seen by the client,
+requests per second, mean micro-batch size (from ``/metrics``) and degraded answers.
+The client shares the machine's cores with the server: numbers are for comparing settings
+on one machine, not absolute capacity.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import redis
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from service_fixtures import build_tiny_export, build_tiny_index, item_id  # noqa: E402
+
+from contracts.sessions import encode_event, session_key  # noqa: E402
+
+CONCURRENCY = (1, 8, 64)
+SETTINGS = {"on": {"T2DIFF_MAX_BATCH": "64", "T2DIFF_BATCH_WAIT_MS": "2"}, "off": {"T2DIFF_MAX_BATCH": "1"}}  # fmt: skip
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(check, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except Exception:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{what} did not come up in {timeout_s}s")
+
+
+def load_sessions(url: str, users: int, items: int, per_user: int) -> None:
+    client = redis.Redis.from_url(url)
+    rng = random.Random(0)
+    now = time.time()
+    with client.pipeline(transaction=False) as pipe:
+        for u in range(users):
+            rows = [rng.randrange(items) for _ in range(per_user)]
+            pipe.rpush(
+                session_key(f"u{u}"),
+                *(encode_event(item_id(r), now - 60 * (per_user - n)) for n, r in enumerate(rows)),
+            )
+        pipe.execute()
+    client.close()
+
+
+async def drive(base: str, concurrency: int, seconds: float, users: int) -> dict:
+    latencies: list[float] = []
+    degraded = errors = 0
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=base, limits=limits, timeout=30) as client:
+
+        async def worker(seed: int, until: float, record: bool) -> None:
+            nonlocal degraded, errors
+            rng = random.Random(seed)
+            while time.perf_counter() < until:
+                body = {"user_id": f"u{rng.randrange(users)}", "k": 100}
+                started = time.perf_counter()
+                response = await client.post("/recall", json=body)
+                elapsed = time.perf_counter() - started
+                if not record:
+                    continue
+                if response.status_code != 200:
+                    errors += 1
+                    continue
+                latencies.append(elapsed)
+                degraded += bool(response.json()["degraded"])
+
+        warm_until = time.perf_counter() + 1.0
+        await asyncio.gather(*(worker(n, warm_until, False) for n in range(concurrency)))
+        started = time.perf_counter()
+        until = started + seconds
+        await asyncio.gather(*(worker(1000 + n, until, True) for n in range(concurrency)))
+        wall = time.perf_counter() - started
+    ms = np.array(latencies) * 1000
+    return {
+        "requests": len(latencies),
+        "rps": len(latencies) / wall,
+        "p50": float(np.percentile(ms, 50)) if len(ms) else float("nan"),
+        "p95": float(np.percentile(ms, 95)) if len(ms) else float("nan"),
+        "p99": float(np.percentile(ms, 99)) if len(ms) else float("nan"),
+        "degraded": degraded,
+        "errors": errors,
+    }
+
+
+def batch_stats(base: str) -> tuple[float, float]:
+    text = httpx.get(f"{base}/metrics").text
+    values = {}
+    for line in text.splitlines():
+        for name in ("t2diff_batch_size_sum", "t2diff_batch_size_count"):
+            if line.startswith(name + " "):
+                values[name] = float(line.split()[1])
+    return values.get("t2diff_batch_size_sum", 0.0), values.get("t2diff_batch_size_count", 0.0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seconds", type=float, default=5.0, help="measured time per cell")
+    parser.add_argument("--items", type=int, default=20_000)
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--users", type=int, default=2_000)
+    parser.add_argument("--session-len", type=int, default=30)
+    parser.add_argument("--out", type=Path, help="also write the markdown table here")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="bench-service-"))
+    redis_proc = server = None
+    try:
+        artifacts = build_tiny_export(
+            work / "artifacts" / "bench", num_items=args.items, dim=args.dim, n_clusters=50,
+            max_seq_len=50, model_version="bench",
+        )  # fmt: skip
+        index = build_tiny_index(artifacts, work / "indexes" / "bench")
+        redis_port = free_port()
+        redis_proc = subprocess.Popen(
+            [shutil.which("redis-server") or "redis-server", "--port", str(redis_port),
+             "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        redis_url = f"redis://127.0.0.1:{redis_port}/0"
+        wait_until(lambda: redis.Redis.from_url(redis_url).ping(), 10, "redis")
+        load_sessions(redis_url, args.users, args.items, args.session_len)
+
+        rows = []
+        for mode, extra in SETTINGS.items():
+            port = free_port()
+            env = {
+                **os.environ,
+                "T2DIFF_ARTIFACTS_DIR": str(artifacts),
+                "T2DIFF_INDEX_DIR": str(index),
+                "T2DIFF_REDIS_URL": redis_url,
+                "T2DIFF_PORT": str(port),
+                "T2DIFF_LOG_LEVEL": "warning",
+                "T2DIFF_BUDGET_MS": "5000",  # measure latency, not the fallback
+                "T2DIFF_WATCH_INTERVAL_S": "0",
+                "OMP_WAIT_POLICY": "PASSIVE",
+                **extra,
+            }
+            server = subprocess.Popen([sys.executable, "-m", "service.server"], cwd=ROOT, env=env)
+            base = f"http://127.0.0.1:{port}"
+            wait_until(lambda: httpx.get(f"{base}/readyz").status_code == 200, 120, "server")  # noqa: B023
+            for concurrency in CONCURRENCY:
+                before = batch_stats(base)
+                result = asyncio.run(drive(base, concurrency, args.seconds, args.users))
+                after = batch_stats(base)
+                batches = after[1] - before[1]
+                result["mean_batch"] = (after[0] - before[0]) / batches if batches else 0.0
+                rows.append({"batching": mode, "clients": concurrency, **result})
+                print(rows[-1], flush=True)
+            server.terminate()
+            server.wait(timeout=30)
+            server = None
+    finally:
+        if server is not None:
+            server.kill()
+        if redis_proc is not None:
+            redis_proc.terminate()
+            redis_proc.wait(timeout=10)
+        shutil.rmtree(work, ignore_errors=True)
+
+    header = (
+        "| batching | clients | p50 ms | p95 ms | p99 ms | req/s | mean batch | degraded | errors |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+    )
+    lines = [
+        f"| {r['batching']} | {r['clients']} | {r['p50']:.2f} | {r['p95']:.2f} | "
+        f"{r['p99']:.2f} | {r['rps']:.0f} | {r['mean_batch']:.1f} | {r['degraded']} | "
+        f"{r['errors']} |"
+        for r in rows
+    ]
+    table = header + "\n".join(lines) + "\n"
+    print(table)
+    if args.out:
+        args.out.write_text(table, encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
