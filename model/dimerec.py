@@ -175,7 +175,10 @@ class DimeRec(SequentialRecommender):
 
     @property
     def noise_shape(self) -> tuple[int, ...]:
-        """``noise[0]`` is ``x_T``; ``noise[T - t]`` the draw of reverse step ``t > 0``."""
+        """``noise[0]`` is ``x_T``; ``noise[T - t]`` the draw of reverse step ``t > 0``
+        (ComiRec-SA alone is deterministic: the base class's placeholder)."""
+        if not self.config.use_diffusion:
+            return super().noise_shape
         return (self.config.diffusion_steps, self.config.dim)
 
     def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -91,6 +91,7 @@ def test_defaults_follow_the_paper() -> None:
     assert make_config("dimerec_no_ssm")["ssm_weight"] == 0.0
     assert make_config("dimerec_no_grw")["geodesic"] is False
     assert build("dimerec", diffusion_steps=7).noise_shape == (7, 16)
+    assert build("comirec_sa").noise_shape == (1,)  # deterministic
 
 
 # --------------------------------------------------------------------------- shapes
