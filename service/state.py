@@ -92,7 +92,6 @@ class ServiceState:
         self.breaker = RedisBreaker(
             settings.redis_breaker_failures, settings.redis_breaker_open_ms / 1000
         )
-        self.in_flight = 0
         self._reload_lock = asyncio.Lock()
         self._last_attempt: tuple[str, str] | None = None
         self._watcher: asyncio.Task[None] | None = None
