@@ -60,7 +60,9 @@ FLAT_REFINE_MAX_BYTES = 128 << 20
 #: k-means caps at 256 per centroid; 64 is plenty for centroid quality and 4x faster).
 TRAIN_POINTS_PER_LIST = 64
 MIN_TRAIN_POINTS = 100_000
-#: :func:`default_nprobe` probes enough lists to scan about this many codes ...
+#: :func:`default_nprobe` probes 1/128 of the lists (0.8% of the corpus at
+#: ``nlist = 4 sqrt(N)``), but enough to scan about this many codes ...
+DEFAULT_NPROBE_FRACTION = 1 / 128
 MIN_SCANNED_ITEMS = 2048
 #: ... but never more than this many lists by default.
 MAX_DEFAULT_NPROBE = 256
@@ -68,8 +70,10 @@ MAX_DEFAULT_NPROBE = 256
 SHORTLIST_MIN_K = 100
 #: Largest refine ``k_factor`` that tuning goes to.
 MAX_K_FACTOR = 64
-#: Recall@100 that :func:`build_from_artifacts` tunes ``nprobe`` for (when not given).
-TARGET_RECALL = 0.95
+#: Refine shortlist multiplier to start from (``k_factor * max(k, 100)`` re-scored).
+DEFAULT_K_FACTOR = 4
+#: Recall@100 that :func:`build_from_artifacts` tunes ``nprobe`` / ``k_factor`` for.
+TARGET_RECALL = 0.98
 
 _IVF_RE = re.compile(r"IVF(\d+)")
 
@@ -115,12 +119,13 @@ def default_factory(n_items: int, dim: int) -> str:
       quantised vectors, ``dim`` bytes/item instead of ``4 * dim``, re-scoring error far
       below the gaps between neighbours' scores).
 
-    The project's spec asks for IVF-PQ; with :func:`default_nprobe` and
-    :func:`default_k_factor` it reaches recall@100 >= 0.95 against exact search on clustered
-    data: measured (FAISS 1.15, sampled queries) 0.97-1.00 at N=1k-100k, d=32/64, and
-    0.94-0.97 at N=1M, d=64, where the build's tuning raised ``k_factor`` to 16 on the
-    densest clusters.  Weakly clustered data needs a larger ``nprobe``, which
-    :func:`build_from_artifacts` finds (:func:`tune_search_params`) and records.
+    At N=1e6, d=64 this is ``IVF4000,PQ32x4fs,Refine(SQ8)``: 16 B of PQ code + 64 B of SQ8
+    + 8 B of id per item, ~90 bytes/item in total.  OPQ is not used: with a refine stage the
+    PQ only builds the shortlist, and an OPQ rotation left recall unchanged in the
+    benchmark (the IVF partition of rotated data is the same) while multiplying the build
+    time (``docs/results/index.md``).  The search settings start at :func:`default_nprobe`
+    and :func:`default_k_factor` and the build raises them until recall@100 reaches
+    :data:`TARGET_RECALL` on held-out queries (:func:`tune_search_params`).
     """
     if dim < 1:
         raise ValueError("dim must be >= 1")
@@ -137,34 +142,36 @@ def factory_nlist(factory: str) -> int | None:
 
 
 def default_nprobe(n_items: int, factory: str) -> int:
-    """Lists probed per query: 1/8 of them, at least ~2048 items' worth, at most 256 lists.
+    """Lists probed per query: 1/128 of them, at least ~2048 items' worth, at most 256.
 
-    With ``~4 sqrt(N)`` lists a query's top-100 neighbours spread over many lists (list
-    boundaries cut clusters in ``d`` dimensions), so on clustered data probing 1/8 of the
-    lists is what recall@100 >= 0.95 takes for N >= ~20k.  Small corpora probe enough
-    lists to scan ~:data:`MIN_SCANNED_ITEMS` codes (up to all of them): that costs
-    microseconds and buys the recall a few dozen lists can't give.  Large corpora stop at
-    256 lists (6% of the corpus scanned at N=1e6).  This is only the starting point:
-    :func:`build_from_artifacts` checks it on held-out queries and doubles it until the
-    target recall is met (:func:`tune_search_params`).
+    The starting point of the build's tuning, chosen cheap: at N=1e6 (``IVF4000``) it is
+    32 lists, 0.8% of the corpus, the setting that meets recall@100 >= 0.98 at 0.2 ms p99
+    on well-separated clustered embeddings (``IVF4096,PQ32x4fs,Refine(SQ8)``, nprobe 32,
+    k_factor 4).  Small corpora probe enough lists to scan ~:data:`MIN_SCANNED_ITEMS` codes
+    (up to all of them): that costs microseconds and buys the recall a few dozen lists
+    can't give.  Embeddings whose neighbours spread over more lists need more:
+    :func:`build_from_artifacts` measures recall on held-out queries and doubles ``nprobe``
+    or ``k_factor`` until :data:`TARGET_RECALL` is met (:func:`tune_search_params`), so the
+    cheapest setting that reaches it on the real embeddings is the one recorded
+    (``docs/results/index.md`` has the measured trade-off).
     """
     nlist = factory_nlist(factory)
     if nlist is None:
         return 1
-    fraction = max(1 / 8, min(1.0, MIN_SCANNED_ITEMS / max(n_items, 1)))
+    fraction = max(DEFAULT_NPROBE_FRACTION, min(1.0, MIN_SCANNED_ITEMS / max(n_items, 1)))
     return int(min(nlist, max(1, min(MAX_DEFAULT_NPROBE, math.ceil(nlist * fraction)))))
 
 
 def default_k_factor(factory: str) -> int:
     """Shortlist multiplier of the refine stage: ``k * k_factor`` candidates are re-scored.
 
-    4-bit PQ codes order near neighbours only roughly: on clustered data (N <= 100k)
-    re-scoring 4x the top-100 loses up to 2% of the exact top-100, 8x well under 1%.  Very
-    dense clusters (1M items) can need 16-32x, which :func:`tune_search_params` finds.
-    Searches re-score ``k_factor * max(k, 100)`` candidates (:func:`shortlist_k_factor`).
-    1 for a factory without a refine stage.
+    4 (400 candidates for a top-100): enough on well-separated clusters, and each doubling
+    costs ~0.1-0.3 ms per query at N=1e6 with SQ8 re-scoring.  Dense clusters, where 4-bit
+    PQ orders near neighbours only roughly, need 16-32x, which :func:`tune_search_params`
+    finds.  Searches re-score ``k_factor * max(k, 100)`` candidates
+    (:func:`shortlist_k_factor`).  1 for a factory without a refine stage.
     """
-    return 8 if "Refine" in factory else 1
+    return DEFAULT_K_FACTOR if "Refine" in factory else 1
 
 
 def _as_index(index: Any) -> Any:

@@ -153,6 +153,12 @@ def test_default_factory_by_size() -> None:
     assert default_factory(3000, 32) == "IVF76,PQ16x4fs,Refine(Flat)"
     # A large corpus keeps 8-bit refinement codes instead of raw floats.
     assert default_factory(1_000_000, 64) == "IVF4000,PQ32x4fs,Refine(SQ8)"
+    # Search settings start cheap at 1M (0.8% of the corpus scanned, 400 re-scored for a
+    # top-100); the build tunes them up to TARGET_RECALL on the real embeddings.
+    assert default_nprobe(1_000_000, "IVF4000,PQ32x4fs,Refine(SQ8)") == 32
+    assert default_k_factor("IVF4000,PQ32x4fs,Refine(SQ8)") == 4
+    # Small corpora scan at least ~2048 codes.
+    assert default_nprobe(3000, "IVF76,PQ16x4fs,Refine(Flat)") == 52
 
 
 @pytest.mark.parametrize("n_items", [5, 100, 3000])
