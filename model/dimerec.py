@@ -57,6 +57,10 @@ class DimeRecConfig:
     schedule_a: float = 1e-2  # only for the exponential/log schedules of model.schedule
     schedule_b: float = 4.5
     sigma_mode: str = "std"
+    # Multiplies every Gaussian draw (forward walk, x_T, reverse steps). 1.0 is the paper's
+    # eps ~ N(0, I) in d dims (|eps| ~ sqrt(d) radians against unit embeddings); 0 = auto,
+    # 1 / sqrt(dim), so the noise's norm matches the unit embeddings' (DDPM's convention).
+    noise_scale: float = 1.0
     dam_hidden: int = 256
     dam_layers: int = 2  # hidden layers of the denoiser MLP
     gem_weight: float = 1.0  # 0: the "w/o L_gem" ablation
@@ -241,7 +245,14 @@ class DimeRec(SequentialRecommender):
 
     # ------------------------------------------------------------------ DAM
 
+    @property
+    def eps_scale(self) -> float:
+        """The factor applied to every standard Gaussian draw (``noise_scale``)."""
+        scale = self.config.noise_scale
+        return scale if scale > 0 else self.config.dim**-0.5
+
     def _add_noise(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        eps = eps * self.eps_scale
         scale = self.sqrt_one_minus_abar[t][:, None].to(x0.dtype)
         if self.config.geodesic:
             return geodesic_random_walk(x0, eps, scale)
@@ -261,11 +272,11 @@ class DimeRec(SequentialRecommender):
         batch = interests.shape[0]
         guidance = interests.flatten(1)
         step_table = self.dam.step_features(torch.arange(steps, device=interests.device))
-        xt = self._unit(noise[0][None, :].expand(batch, self.config.dim))
+        xt = self._unit(noise[0][None, :].expand(batch, self.config.dim) * self.eps_scale)
         x0_hat = xt
         for t in range(steps - 1, -1, -1):
             x0_hat = self._unit(self.dam(xt, step_table[t : t + 1], guidance))
-            step_noise = noise[steps - t][None, :] if t > 0 else None
+            step_noise = noise[steps - t][None, :] * self.eps_scale if t > 0 else None
             xt = self._unit(self.schedule.step(x0_hat, xt, t, step_noise))
         return x0_hat
 

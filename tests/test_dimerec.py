@@ -206,6 +206,13 @@ def test_reverse_process_is_unit_norm_and_reproducible() -> None:
     assert torch.allclose(a.norm(dim=1), torch.ones(BATCH), atol=1e-5)
     assert torch.equal(a, again)
     assert not torch.allclose(a, other)
+    # Another noise scale: still on the sphere and reproducible, a different process.
+    scaled = build("dimerec", noise_scale=0.0).eval()  # auto: 1 / sqrt(d)
+    assert scaled.eps_scale == pytest.approx(0.25)
+    with torch.no_grad():
+        b = scaled.user_embedding(batch, noise_for(scaled, 0))
+    assert torch.allclose(b.norm(dim=1), torch.ones(BATCH), atol=1e-5)
+    assert torch.equal(b, scaled.user_embedding(batch, noise_for(scaled, 0)))
     # Euclidean ablation: the same reproducibility, no sphere.
     raw = build("dimerec_no_grw").eval()
     with torch.no_grad():
