@@ -1,0 +1,292 @@
+"""An inference-only re-expression of a trained T2Diff user tower, for the ONNX export.
+
+``FastTower(model)`` computes the same function as ``model.user_embedding(batch, noise)``
+(eval mode) with the same parameters, laid out so the unrolled 50-step graph is small and
+runs on plain matrix products:
+
+* **channels-last U-Net.** Activations are ``[B, L, C]``, so ``ChannelNorm`` is a plain
+  ``LayerNormalization`` over the last axis (no Transpose pairs), and every convolution is
+  an im2col (a constant ``Gather`` of the zero-padded input, or a product with a constant
+  0/1 shift matrix) followed by one ``MatMul``.  ORT's MatMul is ~2x more efficient than its
+  ``Conv`` on these small 1-D convolutions.
+* **pooling / upsampling as constants.** ``avg_pool1d(2, ceil_mode)`` is a constant
+  ``[L/2, L]`` matrix; nearest upsampling (``repeat_interleave`` + crop) is folded into the
+  im2col gather indices (or shift matrix) of the next convolution.
+* **per-step constants folded.** The step embedding, step MLP and ``step_bias`` depend only
+  on ``t``: ``silu(norm1(h)) + step_bias(t)`` feeds ``conv2`` only, so ``conv2(step_bias)``
+  (a per-position constant, because of the zero padding) joins ``conv2``'s bias: one
+  ``[L, C]`` constant per block and step, no step MLP and no extra node.  The DDPM posterior
+  coefficient ``c0_t`` is folded into the output projection, ``c0_t * b_out + sigma_t *
+  noise`` is computed for all steps in one vectorised op.
+* **history once.** The history's share of the first convolution and of the first
+  block's residual 1x1 convolution are computed once per request, not per step.
+* **last step pruned.** At ``t = 0`` only the newest position of ``zhat_0`` is used, so the
+  output projection runs on that position only.
+
+The attention half of the tower (session self-attention, DIN, FFN) is the model's own
+``_tower`` method, run once.  Nothing here changes training or the checkpoint format.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from model.base import Batch, keep_contract_inputs
+from model.t2diff import T2Diff
+from model.unet import ConvBlock, UNet1D
+
+
+def _conv_weight(conv: nn.Conv1d) -> torch.Tensor:
+    """``Conv1d(k=3)`` weight ``[Cout, Cin, 3]`` as an im2col matrix ``[3 * Cin, Cout]``."""
+    weight = conv.weight.detach()
+    return weight.permute(2, 1, 0).reshape(-1, weight.shape[0]).contiguous()
+
+
+def _skip_weight(block: ConvBlock, c_in: int, c_out: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual path as ``(W [Cin, Cout], b [Cout])`` (identity when no 1x1 conv)."""
+    if isinstance(block.skip, nn.Conv1d):
+        return block.skip.weight.detach()[:, :, 0].T.contiguous(), block.skip.bias.detach()
+    return torch.eye(c_in, c_out), torch.zeros(c_out)
+
+
+def _pool_matrix(length: int) -> torch.Tensor:
+    """``avg_pool1d(kernel 2, ceil_mode)`` as a ``[ceil(L/2), L]`` matrix (exact weights)."""
+    eye = torch.eye(length, dtype=torch.float64)[None]  # [1, C=L (input pos), L]
+    return F.avg_pool1d(eye, 2, ceil_mode=True)[0].T.contiguous()
+
+
+def _upsample_index(out_len: int) -> torch.Tensor:
+    """Source positions of ``repeat_interleave(2)[:out_len]``."""
+    return torch.arange(out_len) // 2
+
+
+def _im2col_index(out_len: int, source: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows of the zero-padded source (row 0 and the last are the pads) read by a k=3 conv.
+
+    ``source[l]`` is the source row that logical position ``l`` reads (identity when None,
+    the upsampling map for a nearest-upsampled input).  Result ``[out_len * 3]``, ordered
+    (position, tap).
+    """
+    rows = []
+    for pos in range(out_len):
+        for tap in range(3):
+            q = pos + tap - 1
+            if 0 <= q < out_len:
+                rows.append(1 + int(source[q]) if source is not None else 1 + q)
+            else:
+                rows.append(-1)  # a pad row: filled in below
+    return torch.tensor(rows)
+
+
+def _shift_matrix(out_len: int, src_len: int, source: torch.Tensor | None = None) -> torch.Tensor:
+    """The im2col as a constant ``[out_len * 3, src_len]`` 0/1 matrix (zero rows at pads)."""
+    matrix = torch.zeros(out_len * 3, src_len, dtype=torch.float64)
+    for pos in range(out_len):
+        for tap in range(3):
+            q = pos + tap - 1
+            if 0 <= q < out_len:
+                matrix[pos * 3 + tap, int(source[q]) if source is not None else q] = 1.0
+    return matrix
+
+
+class _Im2col(nn.Module):
+    """``x [B, src_len, C] -> [B, out_len, 3C]`` for a k=3, padding=1 convolution.
+
+    ``pre``: an optional constant ``[src_len', src_len]`` linear map applied first
+    (average pooling), folded into the shift matrix in ``matmul`` mode.
+    """
+
+    def __init__(
+        self,
+        out_len: int,
+        src_len: int,
+        channels: int,
+        mode: str,
+        source: torch.Tensor | None = None,
+        c_out: int = 0,
+    ) -> None:
+        super().__init__()
+        if mode == "auto":  # the shift product costs L / C_out of the conv's own FLOPs
+            mode = "matmul" if out_len <= 0.5 * c_out else "gather"
+        self.out_len, self.channels, self.mode = out_len, channels, mode
+        if mode == "matmul":
+            self.register_buffer("shift", _shift_matrix(out_len, src_len, source).float())
+        elif mode == "gather":
+            index = _im2col_index(out_len, source)
+            index[index < 0] = 0  # row 0 of the padded input is zero
+            self.register_buffer("index", index)
+        else:
+            raise ValueError(f"unknown im2col mode {mode!r}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "matmul":
+            cols = torch.matmul(self.shift, x)
+        else:
+            cols = F.pad(x, (0, 0, 1, 1)).index_select(1, self.index)
+        return cols.reshape(-1, self.out_len, 3 * self.channels)
+
+
+class FastUNetSteps(nn.Module):
+    """The T reverse steps of ``T2Diff.reconstruct`` (channels-last, constants folded)."""
+
+    def __init__(self, model: T2Diff, mode: str = "auto") -> None:
+        super().__init__()
+        cfg = model.config
+        unet: UNet1D = model.unet
+        schedule = model.schedule
+        steps, length, dim = cfg.diffusion_steps, cfg.max_seq_len, cfg.dim
+        self.steps, self.length, self.dim, self.drift = steps, length, dim, cfg.drift
+        levels = len(unet.down)
+        lengths = [length]
+        for _ in range(1, levels):
+            lengths.append(math.ceil(lengths[-1] / 2))
+        self.lengths = lengths
+        widths = [block.conv2.out_channels for block in unet.down]
+        self.widths = widths
+        with torch.no_grad():
+            step_table = unet.step_features(torch.arange(steps))  # [T, step_dim]
+            self._build(unet, step_table, lengths, widths, dim, mode)
+            c0 = schedule.posterior_c0.float()
+            ct = schedule.posterior_ct.float()
+            sigma = schedule.sigma.float()
+            w_out = unet.out.weight.detach()[:, :, 0].T  # [w0, d]
+            b_out = unet.out.bias.detach()
+            # z_{t-1} = c0_t (h W + b) + ct_t z_t + sigma_t n  (t > 0)
+            self.register_buffer("out_w", c0[:, None, None] * w_out[None])  # [T, w0, d]
+            self.register_buffer("out_w_last", w_out.clone())
+            self.register_buffer("out_b_last", b_out.clone())
+            self.register_buffer("c0_bout", (c0[:, None] * b_out[None])[:, None, :])  # [T,1,d]
+            self.register_buffer("sigma", sigma[:, None, None].clone())  # [T, 1, 1]
+            self.ct = [float(v) for v in ct]
+
+    def _build(
+        self,
+        unet: UNet1D,
+        step_table: torch.Tensor,
+        lengths: list[int],
+        widths: list[int],
+        dim: int,
+        mode: str,
+    ) -> None:
+        def block_spec(block: ConvBlock, length: int, c_in: int, c_out: int) -> nn.Module:
+            """Weights of one ``ConvBlock`` at sequence length ``length``, channels-last."""
+            spec = nn.Module()
+            spec.c_in, spec.c_out = c_in, c_out
+            spec.im1 = _Im2col(length, length, c_in, mode, c_out=c_out)
+            spec.im2 = _Im2col(length, length, c_out, mode, c_out=c_out)
+            spec.register_buffer("w1", _conv_weight(block.conv1))
+            spec.register_buffer("b1", block.conv1.bias.detach().clone())
+            spec.register_buffer("w2", _conv_weight(block.conv2))
+            # b2 + conv2(step_bias(t)) per position: [T, L, C] (zero padding makes it vary
+            # along L at the ends)
+            step_bias = block.step_bias(step_table)[:, :, None].expand(-1, -1, length)
+            spec.register_buffer("c2", block.conv2(step_bias).transpose(1, 2).contiguous())
+            skip_w, skip_b = _skip_weight(block, c_in, c_out)
+            spec.register_buffer("ws", skip_w.contiguous())
+            spec.register_buffer("bs", skip_b.clone())
+            for name, module in (("1", block.norm1.norm), ("2", block.norm2.norm)):
+                spec.register_buffer("g" + name, module.weight.detach().clone())
+                spec.register_buffer("be" + name, module.bias.detach().clone())
+            spec.eps = (float(block.norm1.norm.eps), float(block.norm2.norm.eps))
+            return spec
+
+        # ---- first block: conv1([z, x]) = conv_z(z) + cond(x); skip = skip_z(z) + skip_x(x)
+        first = unet.down[0]
+        l0, w0 = lengths[0], widths[0]
+        self.first = block_spec(first, l0, 2 * dim, w0)
+        self.im_z = _Im2col(l0, l0, dim, mode, c_out=w0)
+        self.register_buffer("w_z", _conv_weight(unet.in_z))
+        self.register_buffer("w_x", _conv_weight(unet.in_x))  # once per request
+        self.register_buffer("b_x", unet.in_x.bias.detach().clone())
+        skip_w, skip_b = self.first.ws, self.first.bs
+        self.register_buffer("skip_z", skip_w[:dim].contiguous())
+        self.register_buffer("skip_x", skip_w[dim:].contiguous())
+        self.register_buffer("skip_xb", skip_b.clone())
+        # ---- the other down blocks take avg_pool(h): a constant [L_k, L_{k-1}] matrix
+        self.down_blocks = nn.ModuleList()
+        for level in range(1, len(unet.down)):
+            spec = block_spec(unet.down[level], lengths[level], widths[level - 1], widths[level])
+            spec.register_buffer("pool", _pool_matrix(lengths[level - 1]).float())
+            self.down_blocks.append(spec)
+        # ---- up blocks take cat([upsample(h), skip]); the upsampling is a Gather
+        self.up_blocks = nn.ModuleList()
+        for i, block in enumerate(unet.up):
+            level = len(unet.down) - 1 - i  # the level h comes from
+            length = lengths[level - 1]
+            spec = block_spec(block, length, widths[level] + widths[level - 1], widths[level - 1])
+            spec.register_buffer("up", _upsample_index(length))
+            self.up_blocks.append(spec)
+
+    # ------------------------------------------------------------------ one step
+
+    @staticmethod
+    def _ln_silu(h: torch.Tensor, g: torch.Tensor, b: torch.Tensor, eps: float) -> torch.Tensor:
+        return F.silu(F.layer_norm(h, (int(g.numel()),), g, b, eps))
+
+    def _tail(self, spec: nn.Module, pre: torch.Tensor, t: int) -> torch.Tensor:
+        """norm1 -> SiLU -> conv2 (+ folded bias and step bias) -> norm2 -> SiLU."""
+        h = self._ln_silu(pre, spec.g1, spec.be1, spec.eps[0])
+        h = torch.matmul(spec.im2(h), spec.w2) + spec.c2[t]
+        return self._ln_silu(h, spec.g2, spec.be2, spec.eps[1])
+
+    def _block(self, spec: nn.Module, x_in: torch.Tensor, t: int) -> torch.Tensor:
+        pre = torch.matmul(spec.im1(x_in), spec.w1) + spec.b1
+        return self._tail(spec, pre, t) + (torch.matmul(x_in, spec.ws) + spec.bs)
+
+    def _unet(
+        self, zt: torch.Tensor, cond: torch.Tensor, skip_x: torch.Tensor, t: int
+    ) -> torch.Tensor:
+        """The U-Net's last hidden layer ``[B, L, w0]`` (before the output 1x1 conv)."""
+        pre = torch.matmul(self.im_z(zt), self.w_z) + cond
+        h = self._tail(self.first, pre, t) + (torch.matmul(zt, self.skip_z) + skip_x)
+        skips = [h]
+        for spec in self.down_blocks:
+            h = self._block(spec, torch.matmul(spec.pool, h), t)
+            skips.append(h)
+        skips.pop()
+        for spec in self.up_blocks:
+            x_in = torch.cat([h.index_select(1, spec.up), skips.pop()], dim=2)
+            h = self._block(spec, x_in, t)
+        return h
+
+    def forward(self, x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """``x`` history ``[B, L, d]``, ``noise`` ``[T, L, d]`` -> ``xhat_{n+1}`` ``[B, d]``."""
+        steps = self.steps
+        l0 = self.length
+        cond = torch.matmul(self.im_z(x), self.w_x) + self.b_x
+        skip_x = torch.matmul(x, self.skip_x) + self.skip_xb
+        # noise term of every step t > 0: c0_t b_out + sigma_t noise[T - t]; index by t
+        flipped = torch.flip(noise[1:], dims=[0])  # flipped[t - 1] = noise[T - t]
+        extra = self.c0_bout[1:] + self.sigma[1:] * flipped  # [T - 1, L, d]
+        extras = extra.split(1, dim=0)
+        zt = noise[:1]  # [1, L, d], broadcast over the batch
+        for t in range(steps - 1, 0, -1):
+            h = self._unet(zt, cond, skip_x, t)
+            zt = torch.matmul(h, self.out_w[t]) + self.ct[t] * zt + extras[t - 1]
+        h = self._unet(zt, cond, skip_x, 0)
+        last = h[:, l0 - 1]
+        z0_last = torch.matmul(last, self.out_w_last) + self.out_b_last
+        return z0_last + x[:, l0 - 1] if self.drift else z0_last
+
+
+class FastTower(nn.Module):
+    """``forward(item_seq, time_lag, noise) -> user_embedding``: the ONNX contract."""
+
+    def __init__(self, model: T2Diff, mode: str = "auto") -> None:
+        super().__init__()
+        self.model = model.eval()
+        self.use_diffusion = model.config.use_diffusion
+        self.steps = FastUNetSteps(model, mode) if self.use_diffusion else None
+
+    def forward(
+        self, item_seq: torch.Tensor, time_lag: torch.Tensor, noise: torch.Tensor
+    ) -> torch.Tensor:
+        batch = Batch(item_seq, time_lag)
+        x = self.model.item_emb(item_seq)
+        x_next = self.steps(x, noise) if self.steps is not None else None
+        user = self.model._tower(batch, x, x_next)
+        return keep_contract_inputs(user, batch, noise)

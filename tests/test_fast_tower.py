@@ -1,0 +1,109 @@
+"""``model.fast_tower``: the inference re-expression of T2Diff gives eager's answer.
+
+Parity against ``T2Diff.user_embedding`` (PyTorch eager, same noise), in torch and through
+the ONNX export in ONNX Runtime, on tiny random models (weights perturbed so biases, norms
+and the step MLP are not at their init values).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from model.base import Batch
+from model.fast_tower import FastTower
+from model.t2diff import T2Diff, T2DiffConfig
+
+TOL = 1e-4
+TINY = {"dim": 16, "unet_width": 8, "max_seq_len": 12, "session_len": 4, "diffusion_steps": 4}
+
+
+def _model(seed: int = 0, **overrides: object) -> T2Diff:
+    torch.manual_seed(seed)
+    model = T2Diff(40, T2DiffConfig(**{**TINY, **overrides})).eval()  # type: ignore[arg-type]
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.1)
+    return model
+
+
+def _inputs(model: T2Diff, batch: int, seed: int = 1) -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator().manual_seed(seed)
+    length = model.config.max_seq_len
+    item_seq = torch.randint(1, model.n_items + 1, (batch, length), generator=gen)
+    item_seq[0, : length // 2] = 0  # a short, left-padded history
+    time_lag = torch.rand(batch, length, generator=gen) * 1e6
+    noise = torch.randn(model.noise_shape, generator=gen)
+    return item_seq, time_lag, noise
+
+
+@pytest.mark.parametrize("mode", ["auto", "gather", "matmul"])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"max_seq_len": 13, "unet_levels": 2},  # odd lengths: ceil-mode pooling, cropping
+        {"unet_levels": 4, "max_seq_len": 11, "unet_width": 4},
+        {"drift": False, "sigma_mode": "variance", "schedule": "cosine"},
+    ],
+)
+def test_torch_fast_tower_matches_eager(mode: str, overrides: dict) -> None:
+    model = _model(**overrides)
+    fast = FastTower(model, mode).eval()
+    for batch in (1, 3):
+        item_seq, time_lag, noise = _inputs(model, batch)
+        with torch.no_grad():
+            x = model.item_emb(item_seq)
+            # the diffusion output itself, not only the tower output it feeds
+            x_next = fast.steps(x, noise)
+            assert (x_next - model.reconstruct(x, noise)).abs().max() < TOL
+            reference = model.user_embedding(Batch(item_seq, time_lag), noise)
+            out = fast(item_seq, time_lag, noise)
+        assert (out - reference).abs().max() < TOL
+
+
+def test_without_diffusion_falls_back_to_the_tower() -> None:
+    model = _model(use_diffusion=False)
+    item_seq, time_lag, noise = _inputs(model, 2)
+    with torch.no_grad():
+        reference = model.user_embedding(Batch(item_seq, time_lag), noise)
+        assert torch.equal(FastTower(model)(item_seq, time_lag, noise), reference)
+
+
+def test_onnx_export_matches_eager(tmp_path: Path) -> None:
+    ort = pytest.importorskip("onnxruntime")
+    from model.export import export_onnx
+
+    model = _model(seed=3, diffusion_steps=6)
+    path = tmp_path / "tower.onnx"
+    export_onnx(model, path, model.config.max_seq_len)
+    assert model.training is False
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["item_seq", "time_lag", "noise"]
+    for batch in (1, 2, 7):
+        item_seq, time_lag, noise = _inputs(model, batch, seed=batch)
+        with torch.no_grad():
+            reference = model.user_embedding(Batch(item_seq, time_lag), noise).numpy()
+        feeds = {"item_seq": item_seq.numpy(), "time_lag": time_lag.numpy(), "noise": noise.numpy()}
+        out = session.run(["user_embedding"], feeds)[0]
+        assert out.shape == reference.shape
+        assert np.abs(out - reference).max() < TOL
+
+
+def test_fast_export_is_smaller_than_the_traced_module(tmp_path: Path) -> None:
+    onnx = pytest.importorskip("onnx")
+    from model.export import export_onnx
+
+    model = _model(seed=4)
+    export_onnx(model, tmp_path / "fast.onnx", model.config.max_seq_len)
+    export_onnx(model, tmp_path / "plain.onnx", model.config.max_seq_len, fast=False)
+    ops = {
+        name: [n.op_type for n in onnx.load(str(tmp_path / f"{name}.onnx")).graph.node]
+        for name in ("fast", "plain")
+    }
+    assert "Conv" in ops["plain"] and "Conv" not in ops["fast"]  # convolutions are MatMuls
+    assert "Tile" not in ops["fast"]  # no repeat_interleave
+    assert "LayerNormalization" in ops["fast"]  # the channel norm stays one fused op
