@@ -3,9 +3,16 @@
 For each tower config (default: the shipped ML-1M one, d=64 / U-Net width 32, and the demo
 one, d=32 / width 16; 3 levels, L=50, T=50) it builds a randomly initialised T2Diff (timing
 does not depend on the weights; seed fixed), exports the user tower with
-``model.export.export_onnx`` into a temporary directory and times, per batch size:
+``model.export.export_onnx`` twice into a temporary directory (the default, fast export
+through ``model.fast_tower``, and the plain trace of the training module, ``fast=False``)
+and times, per batch size:
 
-* ``torch_eager``: ``model.user_embedding`` under ``torch.no_grad``;
+* ``torch_eager``: ``model.user_embedding`` under ``torch.no_grad`` (the reference);
+* ``ort_fast``: the fast export, default ``SessionOptions`` (what ``t2diff export`` ships);
+* ``ort_fast_1t``: the fast export, tuned as ``ort_cpu_tuned`` below, one intra-op thread;
+* ``ort_fast_split``: the fast export, the batch cut into one chunk per core on the
+  one-thread session;
+* ``ort_cpu*``: the plain export (the previous default) with the settings below:
 * ``ort_cpu``: ONNX Runtime CPU, default ``SessionOptions``;
 * ``ort_cpu_tuned``: ORT_ENABLE_ALL, sequential, intra-op threads = cores, the optimised
   graph saved with ``optimized_model_filepath`` and re-loaded without re-optimising,
@@ -556,6 +563,20 @@ def cpu_backends(
     return out
 
 
+def fast_backends(
+    suffix: str, path: Path, noise: np.ndarray, workdir: Path, cores: int
+) -> list[Backend]:
+    """The fast export (``model.fast_tower``): default options, tuned one-thread, split."""
+    out: list[Backend] = []
+    session, load_s, info = ort_session(path, tuned=False, threads=0, workdir=workdir)
+    out.append(ort_backend(f"ort_fast_{suffix}", session, noise, load_s, info=info))
+    session, load_s, info = ort_session(path, tuned=True, threads=1, workdir=workdir)
+    out.append(ort_backend(f"ort_fast_1t_{suffix}", session, noise, load_s, info=info))
+    if cores > 1:
+        out.append(split_backend(f"ort_fast_split_{suffix}", session, noise, cores))
+    return out
+
+
 def bench_config(
     suffix: str,
     config: T2DiffConfig,
@@ -569,24 +590,35 @@ def bench_config(
     print(f"\n== {suffix}: {config}", flush=True)
     model = build_model(config, args.n_items, args.seed)
     path = workdir / f"tower_{suffix}.onnx"
+    fast_path = workdir / f"tower_fast_{suffix}.onnx"
     started = time.perf_counter()
-    export_onnx(model, path, config.max_seq_len)
+    export_onnx(model, fast_path, config.max_seq_len)
+    fast_export_s = time.perf_counter() - started
+    fast_nodes, fast_ops = count_nodes(fast_path)
+    started = time.perf_counter()
+    export_onnx(model, path, config.max_seq_len, fast=False)
     export_s = time.perf_counter() - started
     nodes, ops = count_nodes(path)
     noise = make_noise(model.noise_shape, args.seed)
     backends = [eager_backend(f"torch_eager_{suffix}", model, noise)]
+    backends += fast_backends(suffix, fast_path, noise, workdir, cores)
     backends += cpu_backends(suffix, path, noise, workdir, cores, args, args.reuse_probe and first)
     if yardstick is not None:
         backends += yardstick_backends(yardstick, suffix, config, workdir, args.seed)
     if args.only:
         keep = set(args.only.split(","))
         backends = [b for b in backends if b.name.rsplit("_", 1)[0] in keep or b.name in keep]
-    print(f"  export {export_s:.1f} s, {nodes} nodes ({dict(ops.most_common(6))})")
+    print(
+        f"  fast export {fast_export_s:.1f} s, {fast_nodes} nodes ({dict(fast_ops.most_common(6))})"
+    )
+    print(f"  plain export {export_s:.1f} s, {nodes} nodes ({dict(ops.most_common(6))})")
     for backend in backends:
         print(f"  {backend.name}: session start {backend.load_s:.2f} s {backend.info}")
     summary: dict[str, object] = {
         "nodes": nodes,
         "export_s": export_s,
+        "fast_nodes": fast_nodes,
+        "fast_export_s": fast_export_s,
         "loads": {b.name: (b.load_s, b.info) for b in backends},
         "cells": [],
         "diffs": {},
@@ -642,12 +674,13 @@ def bench_steps(
         else:
             path = workdir / f"tower_{suffix}_T{steps}.onnx"
             started = time.perf_counter()
-            export_onnx(model, path, cfg.max_seq_len)
+            export_onnx(model, path, cfg.max_seq_len, fast=variant.startswith("ort_fast"))
             export_s = time.perf_counter() - started
             one_thread = "_1t" in variant or "_split" in variant  # split at B=1 = 1 thread
-            threads = 1 if one_thread else (0 if variant == "ort_cpu" else cores)
+            default = variant in ("ort_cpu", "ort_fast")
+            threads = 1 if one_thread else (0 if default else cores)
             session, load_s, info = ort_session(
-                path, tuned=variant != "ort_cpu", threads=threads, workdir=workdir
+                path, tuned=not default, threads=threads, workdir=workdir
             )
             print(
                 f"\n== {suffix} T={steps}: export {export_s:.1f} s, {count_nodes(path)[0]}"
@@ -808,7 +841,7 @@ def run_experiments(
                     for b, (s, t) in inputs.items()
                 }
             started = time.perf_counter()
-            export_onnx(model, path, config.max_seq_len)
+            export_onnx(model, path, config.max_seq_len, fast=False)  # patches the plain one
             export_s = time.perf_counter() - started
         session, load_s, info = ort_session(path, tuned=True, threads=1, workdir=workdir)
         backend = ort_backend(name, session, noise, load_s, info=info)
