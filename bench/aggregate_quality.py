@@ -40,6 +40,7 @@ def main() -> None:
     parser.add_argument("--dataset", default="ml-1m")
     parser.add_argument("--drop", default="")
     parser.add_argument("--csv", type=Path, required=True)
+    parser.add_argument("--append", action="store_true", help="add rows (another dataset)")
     args = parser.parse_args()
     dropped = {tuple(item.split(":")) for item in args.drop.split(",") if item}
     values: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
@@ -52,9 +53,10 @@ def main() -> None:
                 for metric in METRICS:
                     values[row["model"]][metric].append(float(row[metric]))
     models = sorted(values, key=lambda m: ORDER.index(m) if m in ORDER else len(ORDER))
-    with open(args.csv, "w", newline="") as handle:
+    with open(args.csv, "a" if args.append else "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["dataset", "model", "metric", "mean", "std", "n_seeds"])
+        if not args.append:
+            writer.writerow(["dataset", "model", "metric", "mean", "std", "n_seeds"])
         for model in models:
             for metric in METRICS:
                 sample = np.asarray(values[model][metric])

@@ -12,6 +12,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+# Runs that a longer run of the same model replaces (run 6 resumed run 5's T2Diff seeds).
+SUPERSEDED = {("ml1m", "t2diff"), ("ml1m", "t2diff_no_dp"), ("ml1m2", "t2diff")}
 HISTORIES = Path(__file__).resolve().parents[1] / "docs" / "results" / "raw" / "histories"
 
 
@@ -21,8 +23,8 @@ def main(out: str) -> None:
     for path in sorted(HISTORIES.glob("*.json")):
         run, _, name = path.stem.partition("_")
         model = name.rsplit("_s", 1)[0]
-        if run == "ml1m" and model in ("t2diff", "t2diff_no_dp"):
-            continue  # superseded by the longer run 2
+        if (run, model) in SUPERSEDED:
+            continue
         history = json.loads(path.read_text())
         epochs = [row["epoch"] for row in history]
         values = [row["valid_ndcg@10"] for row in history]
