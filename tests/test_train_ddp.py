@@ -12,8 +12,9 @@ import pytest
 
 pytest.importorskip("torch")
 
-from model.data import write_synthetic  # noqa: E402
 from conftest import free_port  # noqa: E402
+
+from model.data import write_synthetic  # noqa: E402
 
 
 def test_torchrun_two_gloo_processes_train_one_run(tmp_path: Path) -> None:
