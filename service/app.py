@@ -17,6 +17,7 @@ ones, when the session is known), marked ``degraded`` with the reason.
 # bounds come from the settings) and FastAPI must resolve route annotations to real classes.
 
 import asyncio
+import functools
 import hmac
 import logging
 import time
@@ -24,6 +25,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
+import anyio.to_thread
 from fastapi import Depends, FastAPI, Header, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -360,6 +362,29 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             return JSONResponse(
                 outcome, status_code=200 if outcome["status"] == "reloaded" else 409
             )
+
+        if settings.release_root is not None:
+            release_root = settings.release_root
+
+            @app.post("/admin/rollback", dependencies=[Depends(require_admin)])
+            async def admin_rollback(request: Request) -> JSONResponse:
+                # The same code as `t2diff rollback` (locked, atomic link switches), then a
+                # reload, so the answer says which version serves now.
+                from contracts.release import ReleaseError, rollback
+
+                try:
+                    entry = await anyio.to_thread.run_sync(
+                        functools.partial(rollback, release_root, trigger="admin")
+                    )
+                except (ReleaseError, OSError) as exc:
+                    return JSONResponse(
+                        {"status": "failed", "errors": {"rollback": reason_of(exc)}}, 409
+                    )
+                outcome = await _state(request).reload("admin-rollback", force=True)
+                outcome["rollback"] = entry
+                return JSONResponse(
+                    outcome, status_code=200 if outcome["status"] == "reloaded" else 409
+                )
 
     return app
 

@@ -46,6 +46,7 @@ KNOWN_ENDPOINTS = frozenset(
         "/readyz",
         "/metrics",
         "/admin/reload",
+        "/admin/rollback",
         "/docs",
         "/openapi.json",
     }

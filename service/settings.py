@@ -80,6 +80,10 @@ class Settings(BaseSettings):
     # Admin endpoints (POST /admin/reload) need "Authorization: Bearer <token>"; without a
     # token they do not exist (404).
     admin_token: SecretStr | None = None
+    # Release root (``ROOT/artifacts/current``, ``ROOT/indexes/current``, ``releases.jsonl``)
+    # for POST /admin/rollback; None = rollback only from the CLI (``t2diff rollback``), as
+    # when the model volume is mounted read-only.
+    release_root: Path | None = None
     # CORS: off (no header sent) unless origins are listed.
     cors_origins: list[str] = Field(default_factory=list)
 

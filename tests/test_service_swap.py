@@ -155,3 +155,26 @@ def test_memory_is_flat_over_30_swaps(links: Path, redis_url: str) -> None:
         gc.collect()
         after = rss_kib()
     assert after <= baseline * 1.10, (baseline, after)
+
+
+def test_admin_rollback_returns_to_the_previous_promotion(links: Path, redis_url: str) -> None:
+    from contracts.release import promote as release_promote
+    from contracts.release import read_history
+
+    release_promote(links, A)
+    release_promote(links, B)
+    settings = settings_for(links, redis_url, release_root=links)
+    with TestClient(create_app(settings)) as c:
+        assert versions(c) == (B, B)
+        assert c.post("/admin/rollback").status_code == 401  # the token guards it too
+        response = c.post("/admin/rollback", headers=AUTH)
+        assert response.status_code == 200, response.text
+        assert response.json()["rollback"]["version"] == A
+        assert versions(c) == (A, A)
+        assert c.post("/recall", json={"user_id": "x"}).json()["model_version"] == A
+    assert read_history(links)[-1]["event"] == "rollback"
+
+
+def test_admin_rollback_is_absent_without_a_release_root(links: Path, redis_url: str) -> None:
+    with TestClient(create_app(settings_for(links, redis_url))) as c:
+        assert c.post("/admin/rollback", headers=AUTH).status_code == 404
