@@ -53,7 +53,7 @@ class DimeRecConfig:
     use_diffusion: bool = True  # False: ComiRec-SA alone (the "comirec_sa" baseline)
     geodesic: bool = True  # False: the "w/o GRW" ablation (Euclidean space, Gaussian noise)
     diffusion_steps: int = 20  # T (Table 5)
-    schedule: str = "linear"
+    schedule: str = "cosine"  # the paper says "pre-designed" only; see docs/model.md
     schedule_a: float = 1e-2  # only for the exponential/log schedules of model.schedule
     schedule_b: float = 4.5
     sigma_mode: str = "std"
