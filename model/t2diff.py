@@ -32,6 +32,10 @@ class T2DiffConfig:
     dim: int = 64
     max_seq_len: int = 50
     session_len: int = 10
+    # > 0: the session is the newest behaviours up to the first time gap longer than this
+    # (seconds), at most ``session_len`` of them; older window positions join the history.
+    # 0: the session is the last ``session_len`` behaviours (data without real times).
+    session_gap_s: float = 0.0
     unet_width: int = 32
     unet_levels: int = 3
     diffusion_steps: int = 50
@@ -179,6 +183,21 @@ class T2Diff(SequentialRecommender):
 
     # ------------------------------------------------------------------ mixed attention
 
+    @staticmethod
+    def _session_members(time_lag: torch.Tensor, gap_s: float) -> torch.Tensor:
+        """[B, L] bool: positions after the newest gap longer than ``gap_s`` (newest last).
+
+        The newest behaviour always belongs (a session is never empty).  ``time_lag`` falls
+        from old to new, so the gap after position i is ``lag[i] - lag[i + 1]``.
+        """
+        gaps = time_lag[:, :-1] - time_lag[:, 1:]
+        breaks = torch.cat([gaps > gap_s, gaps.new_zeros(gaps.shape[0], 1, dtype=torch.bool)], 1)
+        # A position is cut off when a break lies at or after it: the count of breaks at or
+        # after i is total - (cumulative count up to i) + (break at i); no flip, no in-place.
+        counts = breaks.to(time_lag.dtype)
+        after = counts.sum(1, keepdim=True) - counts.cumsum(1) + counts
+        return after == 0
+
     def _tower(self, batch: Batch, x: torch.Tensor, x_next: torch.Tensor | None) -> torch.Tensor:
         cfg = self.config
         mask = batch.item_seq > 0
@@ -186,6 +205,18 @@ class T2Diff(SequentialRecommender):
         # Session: the newest behaviours plus the reconstructed next item.
         session = x[:, -cfg.session_len :]
         session_mask = mask[:, -cfg.session_len :]
+        if cfg.session_gap_s > 0:
+            member = self._session_members(batch.time_lag, cfg.session_gap_s)
+            session_mask = session_mask & member[:, -cfg.session_len :]
+            # Window positions cut off by a gap belong to the history, so nothing is lost.
+            positions = torch.arange(mask.shape[1], device=mask.device)
+            window = (positions >= mask.shape[1] - cfg.session_len)[None, :]
+            history, history_mask = x, mask & ~(window & member)
+            history_lag = batch.time_lag
+        else:
+            history = x[:, : -cfg.session_len]
+            history_mask = mask[:, : -cfg.session_len]
+            history_lag = batch.time_lag[:, : -cfg.session_len]
         if x_next is not None:
             session = torch.cat([session, x_next[:, None, :]], dim=1)
             session_mask = torch.cat([session_mask, session_mask.new_ones(x.shape[0], 1)], 1)
@@ -194,9 +225,7 @@ class T2Diff(SequentialRecommender):
         weights = session_mask.to(encoded.dtype)[..., None]
         h_s = self.session_norm((encoded * weights).sum(1) / weights.sum(1).clamp(min=1.0))
         # History: DIN target attention with the time-lag feature.
-        history = x[:, : -cfg.session_len]
-        history_mask = mask[:, : -cfg.session_len]
-        lag = torch.log1p(batch.time_lag[:, : -cfg.session_len].clamp(min=0))[..., None]
+        lag = torch.log1p(history_lag.clamp(min=0))[..., None]
         query = h_s[:, None, :].expand_as(history)
         features = torch.cat(
             [history, history - query, history * query, query, self.lag_proj(lag / 10.0)], dim=2

@@ -90,7 +90,9 @@ class Settings(BaseSettings):
     # Threads.  FAISS defaults to one OpenMP thread per core *per call*; with concurrent
     # requests that oversubscribes the CPU, so serving uses 1 and scales by concurrency.
     faiss_threads: int = Field(default=1, gt=0)
-    ort_intra_threads: int | None = Field(default=None, gt=0, description="None = ORT default")
+    ort_intra_threads: int | None = Field(
+        default=None, gt=0, description="ORT intra-op threads per session; None = 1"
+    )
     # AnyIO's default thread limiter (FastAPI's sync code and file loads); inference has its
     # own limiter of inference_concurrency tokens.
     default_thread_limit: int = Field(default=16, gt=0, le=1024)

@@ -169,8 +169,13 @@ class UserTowerRunner:
     def _open_session(self, intra_op_threads: int | None) -> ort.InferenceSession:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if intra_op_threads is not None:
-            options.intra_op_num_threads = intra_op_threads
+        # Measured on the 2-core box (docs/results/inference.md): one intra-op thread per
+        # session, sequential execution and no memory-pattern reuse are fastest for the
+        # 50-step tower; parallelism comes from concurrent requests (INFERENCE_CONCURRENCY),
+        # not from ORT's thread pool, which spins and doubles the latency under load.
+        options.intra_op_num_threads = intra_op_threads if intra_op_threads is not None else 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.enable_mem_reuse = False
         try:
             session = ort.InferenceSession(
                 str(self.artifacts_dir / USER_TOWER_FILE), options, providers=_providers()

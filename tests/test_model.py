@@ -166,3 +166,40 @@ def test_onnx_tower_matches_pytorch(tmp_path: Path) -> None:
         ).numpy()
     assert onnx_out.shape == (3, 16)
     assert np.abs(onnx_out - torch_out).max() < 1e-4
+
+
+def test_time_gap_sessions_split_at_the_newest_long_gap() -> None:
+    # Seconds since each behaviour, oldest first: gaps 10, 5000 (a break), 20, 30.
+    time_lag = torch.tensor([[5060.0, 5050.0, 50.0, 30.0, 0.0]])
+    members = T2Diff._session_members(time_lag, gap_s=1800.0)
+    assert members.tolist() == [[False, False, True, True, True]]
+    # The newest behaviour always belongs, even after a long gap before the request.
+    assert T2Diff._session_members(torch.tensor([[9e5, 5e5]]), 1800.0).tolist() == [[False, True]]
+
+
+def test_onnx_tower_matches_pytorch_with_time_gap_sessions(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    config = T2DiffConfig(
+        dim=16, unet_width=8, max_seq_len=12, session_len=4, session_gap_s=1800.0,
+        diffusion_steps=5,
+    )  # fmt: skip
+    model = T2Diff(40, config).eval()
+    path = tmp_path / "tower.onnx"
+    export_onnx(model, path, config.max_seq_len)
+    tokens = [[1, 2, 3, 4, 5, 6], list(range(1, 20)), [7]]
+    # Row 0 has a 2-hour gap before its last two behaviours; row 1 none.
+    stamps = [[0.0, 10.0, 20.0, 30.0, 7230.0, 7240.0], [float(i) for i in range(19)], [0.0]]
+    item_seq, time_lag = pad_batch(tokens, stamps, now=7300.0, max_seq_len=config.max_seq_len)
+    noise = make_noise(model.noise_shape, seed=7)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    onnx_out = session.run(None, {"item_seq": item_seq, "time_lag": time_lag, "noise": noise})[0]
+    with torch.no_grad():
+        batch = Batch(torch.from_numpy(item_seq), torch.from_numpy(time_lag))
+        torch_out = model.user_embedding(batch, torch.from_numpy(noise)).numpy()
+        fixed = T2Diff(40, T2DiffConfig(**{**config.to_dict(), "session_gap_s": 0.0})).eval()
+        fixed.load_state_dict(model.state_dict())
+        fixed_out = fixed.user_embedding(batch, torch.from_numpy(noise)).numpy()
+    assert np.abs(onnx_out - torch_out).max() < 1e-4
+    # The gap changes row 0's answer and leaves the one-session rows as they were.
+    assert np.abs(torch_out[0] - fixed_out[0]).max() > 1e-4
+    assert np.abs(torch_out[1] - fixed_out[1]).max() < 1e-5
