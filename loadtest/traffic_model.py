@@ -9,10 +9,19 @@ What a ranking front-end sends the recall service:
   ``20:4,50:3,100:2,200:1``);
 * ``T2DIFF_LOADTEST_EVENTS_SHARE`` (default 0.1) of the tasks are ``POST /events`` writes
   of 1-3 recent interactions, with item ids from ``T2DIFF_LOADTEST_ITEMS`` (``i0..i999``);
-* ``T2DIFF_LOADTEST_USER_RPS`` tasks per second per simulated user (constant pacing).
+* ``T2DIFF_LOADTEST_USER_RPS`` tasks per second per simulated user, scheduled by a
+  :class:`Pacer`: ``T2DIFF_LOADTEST_ARRIVALS=poisson`` (default: exponential gaps, so the
+  total is a Poisson stream, as from many independent callers) or ``constant`` (fixed gaps);
+  either way from a random phase, and a slow answer does not lower the offered rate.
 
 Also ``T2DIFF_LOADTEST_ZIPF`` (exponent, default 1.1), ``T2DIFF_LOADTEST_SEED`` (which ids
-are the heavy ones, default 0), ``T2DIFF_LOADTEST_EXCLUDE_SEEN`` (default 1).
+are the heavy ones, default 0), ``T2DIFF_LOADTEST_EXCLUDE_SEEN`` (default 1),
+``T2DIFF_LOADTEST_RANKED`` (default 0; 1 = the ids file lists the heaviest users first, e.g.
+ordered by session length as ``run_load.py --start-local`` writes it, so rank follows the
+file instead of a seeded shuffle), ``T2DIFF_LOADTEST_BUDGET_MS`` (unset = the service's
+default budget; else sent as ``budget_ms`` in every recall) and
+``T2DIFF_LOADTEST_RESPONSE_LOG`` (a CSV path: one row per response, :data:`LOG_COLUMNS`,
+read back by ``run_load.py`` for degraded counts, stage costs and the Redis-outage figures).
 """
 
 from __future__ import annotations
@@ -79,13 +88,16 @@ class ZipfSampler:
     (real ids are often ordered by sign-up date).  Sampling bisects cumulative weights.
     """
 
-    def __init__(self, ids: Sequence[str], s: float = 1.1, seed: int = 0) -> None:
+    def __init__(
+        self, ids: Sequence[str], s: float = 1.1, seed: int = 0, ranked: bool = False
+    ) -> None:
         if not ids:
             raise ValueError("no ids to sample from")
         if s < 0:
             raise ValueError(f"Zipf exponent must be >= 0, not {s}")
         self.ids = list(ids)
-        random.Random(seed).shuffle(self.ids)
+        if not ranked:  # ranked: the caller's order is the popularity order (heaviest first)
+            random.Random(seed).shuffle(self.ids)
         self.cum_weights = list(
             itertools.accumulate(1.0 / (rank**s) for rank in range(1, len(self.ids) + 1))
         )
@@ -103,6 +115,8 @@ class TrafficModel:
     user_rps: float = 1.0
     events_share: float = 0.1
     exclude_seen: bool = True
+    budget_ms: int | None = None
+    arrivals: str = "poisson"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> TrafficModel:
@@ -120,15 +134,20 @@ class TrafficModel:
                 parse_ids(env.get("T2DIFF_LOADTEST_USERS", DEFAULT_USERS)),
                 s=float(env.get("T2DIFF_LOADTEST_ZIPF", "1.1")),
                 seed=int(env.get("T2DIFF_LOADTEST_SEED", "0")),
+                ranked=_flag(env.get("T2DIFF_LOADTEST_RANKED", "0")),
             ),
             items=parse_ids(env.get("T2DIFF_LOADTEST_ITEMS", DEFAULT_ITEMS)),
             k_values=k_values,
             k_weights=k_weights,
             user_rps=user_rps,
             events_share=share,
-            exclude_seen=env.get("T2DIFF_LOADTEST_EXCLUDE_SEEN", "1").lower()
-            not in ("0", "false", "no"),
+            exclude_seen=_flag(env.get("T2DIFF_LOADTEST_EXCLUDE_SEEN", "1")),
+            budget_ms=_budget(env.get("T2DIFF_LOADTEST_BUDGET_MS")),
+            arrivals=_arrivals(env.get("T2DIFF_LOADTEST_ARRIVALS", "poisson")),
         )
+
+    def pacer(self, rng: random.Random) -> Pacer:
+        return Pacer(self.user_rps, self.arrivals == "poisson", rng)
 
     @property
     def events_weight(self) -> int:
@@ -140,23 +159,116 @@ class TrafficModel:
 
     def recall_body(self, rng: random.Random) -> dict[str, object]:
         """A ``POST /recall`` body."""
-        return {
+        body: dict[str, object] = {
             "user_id": self.users(rng),
             "k": rng.choices(self.k_values, weights=self.k_weights)[0],
             "exclude_seen": self.exclude_seen,
         }
+        if self.budget_ms is not None:
+            body["budget_ms"] = self.budget_ms
+        return body
 
     def events_body(self, rng: random.Random, now: float | None = None) -> dict[str, object]:
-        """A ``POST /events`` body: 1-3 interactions in the last few seconds, oldest first."""
+        """A ``POST /events`` body (the batch form): 1-3 interactions of one user in the last
+        few seconds, oldest first, each with its own ``user_id`` and a fresh ``event_id``."""
         now = time.time() if now is None else now
         count = rng.randint(1, 3)
+        user_id = self.users(rng)
         return {
-            "user_id": self.users(rng),
             "events": [
-                {"item_id": rng.choice(self.items), "timestamp": round(now - (count - i), 3)}
+                {
+                    "user_id": user_id,
+                    "item_id": rng.choice(self.items),
+                    "timestamp": round(now - (count - i), 3),
+                    "event_id": f"lt-{rng.getrandbits(64):016x}",
+                }
                 for i in range(count)
             ],
         }
+
+
+class Pacer:
+    """When a simulated user sends its next task: on a schedule of ``rate`` tasks per second
+    (Poisson or constant gaps) that starts at a random phase and is kept whatever the
+    latency.  A user that fell behind (a slow answer) sends at once, but catches up at most
+    one gap, so a stall is not followed by a burst.
+
+    Unlike locust's ``constant_throughput``, whose schedule starts when the user is created
+    (users spawned in one batch then send in lock-step bursts), the phase is random."""
+
+    def __init__(self, rate: float, poisson: bool, rng: random.Random) -> None:
+        if rate <= 0:
+            raise ValueError(f"rate must be > 0, not {rate}")
+        self.rate, self.poisson, self.rng = rate, poisson, rng
+        self.next_at: float | None = None
+
+    def gap(self) -> float:
+        return self.rng.expovariate(self.rate) if self.poisson else 1.0 / self.rate
+
+    def wait(self, now: float) -> float:
+        """Seconds to wait from ``now`` (a monotonic clock) before the next task."""
+        if self.next_at is None:
+            self.next_at = now + self.rng.uniform(0, 1.0 / self.rate)
+        else:
+            self.next_at = max(self.next_at, now - 1.0 / self.rate) + self.gap()
+        return max(0.0, self.next_at - now)
+
+
+def _arrivals(value: str) -> str:
+    value = value.strip().lower()
+    if value not in ("poisson", "constant"):
+        raise ValueError(f"T2DIFF_LOADTEST_ARRIVALS must be poisson or constant, not {value!r}")
+    return value
+
+
+def _flag(value: str) -> bool:
+    return value.strip().lower() not in ("0", "false", "no", "")
+
+
+def _budget(value: str | None) -> int | None:
+    if value is None or not value.strip():
+        return None
+    budget = round(float(value))  # the API takes whole milliseconds
+    if budget <= 0:
+        raise ValueError(f"T2DIFF_LOADTEST_BUDGET_MS must be >= 1, not {value}")
+    return budget
+
+
+# The response log (T2DIFF_LOADTEST_RESPONSE_LOG): wall-clock start (unix s), client-side
+# latency, endpoint, HTTP status, degraded (1/0; empty for /events), reason, and the
+# service's own stage timings of a recall (ms; empty when absent).
+STAGES = ("redis", "queue", "tower", "ann", "filter")
+LOG_COLUMNS = (
+    "t_start",
+    "latency_ms",
+    "endpoint",
+    "status",
+    "degraded",
+    "reason",
+    "server_ms",
+) + tuple(f"{stage}_ms" for stage in STAGES)
+
+
+def log_row(
+    t_start: float, latency_ms: float, endpoint: str, status: int, payload: object
+) -> list[str]:
+    """One response-log row (strings, in :data:`LOG_COLUMNS` order)."""
+    degraded = reason = server_ms = ""
+    stages: dict[str, object] = {}
+    if isinstance(payload, dict):
+        if "degraded" in payload:
+            degraded = "1" if payload.get("degraded") else "0"
+            reason = str(payload.get("degraded_reason") or "")
+        if isinstance(payload.get("latency_ms"), int | float):
+            server_ms = f"{payload['latency_ms']:g}"
+        if isinstance(payload.get("stages_ms"), dict):
+            stages = payload["stages_ms"]
+    cells = [f"{t_start:.4f}", f"{latency_ms:.3f}", endpoint, str(status), degraded, reason]
+    cells.append(server_ms)
+    for stage in STAGES:
+        value = stages.get(stage)
+        cells.append(f"{value:g}" if isinstance(value, int | float) else "")
+    return cells
 
 
 def events_outcome(status_code: int) -> str:
