@@ -17,8 +17,8 @@ leaves open are listed in ``docs/model.md``, section DimeRec):
   re-normalised onto the sphere; the user embedding is the generated ``x_0``.
 
 ``use_diffusion=False`` is ComiRec-SA alone (``comirec_sa``): evaluated by the maximum over
-the K interests of each item's score, served as the one interest nearest the newest
-behaviour (the ONNX contract has one vector per user).
+the K interests of each item's score, served as the normalised mean of the K unit
+interests (the ONNX contract has one vector per user).
 
 Dimensions below are written as positive numbers on purpose: torch's ONNX tracer
 (torch 2.13, dynamo=False) numbers a negative ``dim`` of cat/softmax/chunk wrongly.
@@ -211,7 +211,7 @@ class DimeRec(SequentialRecommender):
         items = self.item_embeddings()
         interests = self.interests(batch.item_seq, items)
         if self.dam is None:
-            user = self._served_interest(batch.item_seq, interests, items)
+            user = self._served_interest(interests)
         else:
             user = self.generate(interests, noise)
         return keep_contract_inputs(user, batch, noise)
@@ -232,16 +232,13 @@ class DimeRec(SequentialRecommender):
         h = self.input_drop(items[item_seq]) * mask[:, :, None].to(items.dtype)
         return self.gem(h, mask)
 
-    def _served_interest(
-        self, item_seq: torch.Tensor, interests: torch.Tensor, items: torch.Tensor
-    ) -> torch.Tensor:
-        """ComiRec-SA's one served vector: the interest nearest the newest behaviour."""
-        unit = self._unit(interests)
-        newest = items[item_seq[:, item_seq.shape[1] - 1]]  # zero for an empty window
-        pick = (unit * newest[:, None, :]).sum(2).argmax(dim=1, keepdim=True)  # [B, 1]
-        # A one-hot sum, not gather + expand: no batch size frozen into the ONNX graph.
-        one_hot = torch.arange(unit.shape[1], device=unit.device)[None, :] == pick
-        return (unit * one_hot[:, :, None].to(unit.dtype)).sum(1)
+    def _served_interest(self, interests: torch.Tensor) -> torch.Tensor:
+        """ComiRec-SA's one served vector: the mean of the K unit interests, re-normalised.
+
+        (On ML-100K validation it beat the interest nearest the newest behaviour by far:
+        recall@20 0.263 against 0.156, where the max over the K interests gives 0.293.)
+        """
+        return self._unit(self._unit(interests).mean(dim=1))
 
     # ------------------------------------------------------------------ DAM
 

@@ -232,9 +232,9 @@ def test_comirec_scores_are_the_best_interest() -> None:
         scores = model.full_sort_scores(batch)
         served = model.user_embedding(batch, noise_for(model))
     assert torch.allclose(scores, per_interest.amax(dim=1))
-    # The served vector is one of the K (unit) interests, and ignores the noise.
-    match = (served[:, None, :] - interests).abs().amax(dim=2).amin(dim=1)
-    assert match.max() < 1e-6
+    # The served vector is the normalised mean of the K unit interests; it ignores the noise.
+    assert torch.allclose(served, l2_normalize(interests.mean(dim=1)), atol=1e-6)
+    assert torch.allclose(served[batch.item_seq[:, SEQ_LEN - 1] > 0].norm(dim=1), torch.ones(7))
     with torch.no_grad():
         assert torch.equal(served, model.user_embedding(batch, noise_for(model, 9)))
 
