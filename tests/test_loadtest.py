@@ -1,7 +1,9 @@
-"""The load-test tooling: traffic model, locustfile and run_load's pure functions.
+"""The load-test tooling: traffic model, locustfile, run_load's pure functions, and
+``run_load.py --start-local`` end to end (real redis-server, ``t2diff serve`` and locust, a
+tiny torch-free export from ``service_fixtures``, a few seconds at a low rate).
 
-No locust run is started.  Importing locust monkey-patches the whole process (gevent), so
-the locustfile is only imported in a child process; everything else is tested in-process.
+Importing locust monkey-patches the whole process (gevent), so the locustfile is only
+imported in a child process, and locust only ever runs in one.
 """
 
 from __future__ import annotations
@@ -111,11 +113,13 @@ def test_traffic_model_bodies_match_the_api_contract() -> None:
     assert all(isinstance(b["user_id"], str) and b["exclude_seen"] is True for b in bodies)
 
     event = model.events_body(rng, now=1000.0)
-    assert set(event) == {"user_id", "events"}
+    assert set(event) == {"events"}  # the batch form: every event names its user
     assert 1 <= len(event["events"]) <= 3
     stamps = [e["timestamp"] for e in event["events"]]
     assert stamps == sorted(stamps) and all(s < 1000.0 for s in stamps)
-    assert all(set(e) == {"item_id", "timestamp"} for e in event["events"])
+    assert all(set(e) == {"user_id", "item_id", "timestamp", "event_id"} for e in event["events"])
+    assert len({e["user_id"] for e in event["events"]}) == 1
+    assert len({e["event_id"] for e in event["events"]}) == len(event["events"])
 
     assert (model.recall_weight, model.events_weight) == (900, 100)
     assert model.user_rps == 1.0
@@ -123,6 +127,59 @@ def test_traffic_model_bodies_match_the_api_contract() -> None:
         traffic.TrafficModel.from_env({"T2DIFF_LOADTEST_EVENTS_SHARE": "1.5"})
     off = traffic.TrafficModel.from_env({"T2DIFF_LOADTEST_EXCLUDE_SEEN": "0"})
     assert off.exclude_seen is False
+    budget = traffic.TrafficModel.from_env({"T2DIFF_LOADTEST_BUDGET_MS": "50"})
+    assert budget.recall_body(rng)["budget_ms"] == 50  # an int: the API is strict
+    for bad in ({"T2DIFF_LOADTEST_BUDGET_MS": "0"}, {"T2DIFF_LOADTEST_ARRIVALS": "burst"}):
+        with pytest.raises(ValueError):
+            traffic.TrafficModel.from_env(bad)
+
+
+def test_ranked_ids_keep_the_file_order(tmp_path: Path) -> None:
+    ids = [f"u{i}" for i in range(100)]
+    ranked = traffic.ZipfSampler(ids, ranked=True)
+    assert ranked.ids == ids
+    rng = random.Random(0)
+    counts = Counter(ranked(rng) for _ in range(5000))
+    assert counts.most_common(1)[0][0] == "u0"  # the first listed is the heaviest
+    users = tmp_path / "users.txt"
+    users.write_text("\n".join(ids))
+    model = traffic.TrafficModel.from_env(
+        {"T2DIFF_LOADTEST_USERS": str(users), "T2DIFF_LOADTEST_RANKED": "1"}
+    )
+    assert model.users.ids == ids
+
+
+@pytest.mark.parametrize("poisson", [True, False])
+def test_pacer_keeps_the_rate_from_a_random_phase(poisson: bool) -> None:
+    rate = 4.0
+    phases = set()
+    for seed in range(20):
+        pacer = traffic.Pacer(rate, poisson, random.Random(seed))
+        first = pacer.wait(100.0)
+        assert 0 <= first <= 1 / rate
+        phases.add(round(first, 4))
+    assert len(phases) > 10  # users spawned together do not send together
+
+    pacer = traffic.Pacer(rate, poisson, random.Random(1))
+    now = 0.0
+    sends = []
+    for _ in range(4000):
+        now += pacer.wait(now)
+        sends.append(now)
+        now += 0.01  # the task's own latency does not lower the rate
+    achieved = (len(sends) - 1) / (sends[-1] - sends[0])
+    assert achieved == pytest.approx(rate, rel=0.06)
+    gaps = [b - a for a, b in zip(sends, sends[1:], strict=False)]
+    if poisson:
+        assert min(gaps) < 0.02 and max(gaps) > 1.0  # exponential gaps
+    else:
+        assert all(g == pytest.approx(1 / rate) for g in gaps)
+
+    # A stall of 10 s is followed by at most one catch-up send, not a burst of 40.
+    pacer = traffic.Pacer(rate, False, random.Random(2))
+    now = pacer.wait(0.0)
+    assert pacer.wait(now + 10.0) == 0.0
+    assert pacer.wait(now + 10.0) == pytest.approx(1 / rate)
 
 
 def test_outcomes() -> None:
@@ -183,12 +240,16 @@ _LOCUST_PROBE = textwrap.dedent(
     out = {
         "is_user": issubclass(lf.RecallUser, locust.FastHttpUser),
         "tasks": sorted(t.__name__ for t in lf.RecallUser.tasks),
-        # Same inner function as constant_throughput() returns, whatever it is built on.
-        "constant_rate": lf.RecallUser.wait_time.__code__
-        is locust.constant_throughput(1.0).__code__,
         "user_rps": lf.MODEL.user_rps,
     }
-    call, resp = run(lf.RecallUser.recall, {"/recall": (200, {"items": []})})
+    paced = lf.RecallUser.__new__(lf.RecallUser)
+    paced.client = None
+    paced.on_start()
+    waits = [paced.wait_time() for _ in range(50)]
+    out["paced"] = all(0 <= w <= 5 for w in waits) and len(set(waits)) > 10
+    answer = {"items": [], "degraded": True, "degraded_reason": "redis_error",
+              "latency_ms": 1.5, "stages_ms": {"redis": 0.5}}
+    call, resp = run(lf.RecallUser.recall, {"/recall": (200, answer)})
     out["recall_call"] = [call[0], sorted(call[1]), call[2]]
     out["recall_ok"] = resp.outcome
     out["recall_503"] = run(lf.RecallUser.recall, {"/recall": (503, {})})[1].outcome
@@ -196,18 +257,21 @@ _LOCUST_PROBE = textwrap.dedent(
     out["events_404"] = [resp.outcome, resp.request_meta["name"]]
     out["events_202"] = run(lf.RecallUser.events, {"/events": (202, {})})[1].outcome
     out["events_500"] = run(lf.RecallUser.events, {"/events": (500, {})})[1].outcome
+    lf.RESPONSE_LOG.close()
     print("RESULT " + json.dumps(out))
     """
 )
 
 
-def test_locustfile_defines_user_and_handles_responses() -> None:
+def test_locustfile_defines_user_and_handles_responses(tmp_path: Path) -> None:
     # find_spec, not importorskip: importing locust here would gevent-patch this process.
     if importlib.util.find_spec("locust") is None:
         pytest.skip("the loadtest extra (locust) is not installed")
+    log = tmp_path / "responses.csv"
     env = {
         "LOADTEST_DIR": str(LOADTEST),
-        "T2DIFF_LOADTEST_USER_RPS": "3",
+        "T2DIFF_LOADTEST_USER_RPS": "50",  # on_start waits up to one period
+        "T2DIFF_LOADTEST_RESPONSE_LOG": str(log),
         "PATH": "/usr/bin:/bin",
     }
     proc = subprocess.run(
@@ -223,14 +287,21 @@ def test_locustfile_defines_user_and_handles_responses() -> None:
     out = json.loads(line.removeprefix("RESULT "))
     assert out["is_user"] is True
     assert set(out["tasks"]) == {"recall", "events"}
-    assert out["constant_rate"] is True
-    assert out["user_rps"] == 3.0
+    assert out["paced"] is True
+    assert out["user_rps"] == 50.0
     assert out["recall_call"] == ["/recall", ["exclude_seen", "k", "user_id"], "/recall"]
     assert out["recall_ok"] == "success"
     assert out["recall_503"].startswith("failure")
     assert out["events_404"] == ["success", "/events [404: not deployed]"]
     assert out["events_202"] == "success"
     assert out["events_500"].startswith("failure")
+    # Every response was logged; the recall's degraded flag and stages came through.
+    logged = run_load.read_response_log(log)
+    assert [r.endpoint for r in logged] == ["/recall", "/recall", "/events", "/events", "/events"]
+    first = logged[0]
+    assert (first.status, first.degraded, first.reason) == (200, True, "redis_error")
+    assert first.server_ms == 1.5 and first.stages_ms == {"redis": 0.5}
+    assert logged[1].status == 503 and logged[1].degraded is None
 
 
 # --------------------------------------------------------------------------- run_load
@@ -366,3 +437,253 @@ def test_plot_writes_png(tmp_path: Path) -> None:
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     empty = run_load.plot_latency([], [], tmp_path / "empty.png", "nothing")
     assert empty.stat().st_size > 0
+
+
+# --------------------------------------------------------------------------- steps, logs, metrics
+
+
+def test_rates_and_users() -> None:
+    assert run_load.parse_rates("10, 20,40") == [10.0, 20.0, 40.0]
+    for bad in ("", "10,x", "10,-1", "0"):
+        with pytest.raises(ValueError):
+            run_load.parse_rates(bad)
+    assert run_load.users_for_rate(100, 1.0) == (100, 1.0)
+    assert run_load.users_for_rate(2.5, 1.0) == (3, pytest.approx(2.5 / 3))
+    assert run_load.users_for_rate(100, 4.0) == (25, 4.0)
+    users, user_rps = run_load.users_for_rate(7, 2.0)
+    assert users * user_rps == pytest.approx(7) and user_rps <= 2.0
+    with pytest.raises(ValueError):
+        run_load.users_for_rate(0, 1.0)
+
+
+def _response(t: float, latency: float, degraded: bool | None, status: int = 200, **kw):  # type: ignore[no-untyped-def]
+    return run_load.Response(
+        t_start=t,
+        latency_ms=latency,
+        endpoint=kw.get("endpoint", "/recall"),
+        status=status,
+        degraded=degraded,
+        reason=kw.get("reason", "redis_error" if degraded else ""),
+        server_ms=kw.get("server_ms", latency - 1),
+        stages_ms=kw.get("stages", {"redis": 1.0, "tower": 20.0} if not degraded else {}),
+    )
+
+
+def test_response_log_round_trip_and_summary(tmp_path: Path) -> None:
+    log = tmp_path / "responses.csv"
+    rows = [
+        traffic.log_row(100.0, 25.0, "/recall", 200, {"degraded": False, "latency_ms": 24,
+                        "stages_ms": {"redis": 1.5, "queue": 0.1, "tower": 20.0, "ann": 1.0,
+                                      "filter": 0.2}}),
+        traffic.log_row(100.5, 3.0, "/recall", 200, {"degraded": True,
+                        "degraded_reason": "redis_circuit_open", "latency_ms": 2.0}),
+        traffic.log_row(101.0, 2.0, "/events", 503, None),
+        traffic.log_row(101.5, 9.0, "/recall", 500, None),
+    ]  # fmt: skip
+    with log.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(traffic.LOG_COLUMNS)
+        writer.writerows(rows)
+    responses = run_load.read_response_log(log)
+    assert [r.degraded for r in responses] == [False, True, None, None]
+    assert responses[0].stages_ms["tower"] == 20.0 and responses[0].t_end == pytest.approx(100.025)
+    summary = run_load.summarize_responses(responses)
+    assert summary["recalls"] == 3 and summary["recalls_answered"] == 2
+    assert summary["degraded"] == 1 and summary["degraded_share"] == 0.5
+    assert summary["degraded_reasons"] == {"redis_circuit_open": 1}
+    assert summary["errors_5xx"] == {"/events": 1, "/recall": 1}
+    assert summary["stages_full_answers"]["tower"]["mean_ms"] == 20.0
+    assert summary["stages_full_answers"]["server"]["n"] == 1
+    assert run_load.read_response_log(tmp_path / "none.csv") == []
+
+
+def test_outage_report_targets() -> None:
+    down, up = 110.0, 120.0
+    good = (
+        [_response(100 + i * 0.5, 30, False) for i in range(20)]  # before: full
+        + [_response(110 + i * 0.5, 3, True) for i in range(20)]  # during: degraded, fast
+        + [_response(120.01, 4, True, reason="redis_circuit_open")]  # breaker still open
+        + [_response(120.3 + i * 0.5, 30, False) for i in range(20)]  # after: full again
+        + [_response(115, 2, None, status=503, endpoint="/events")]
+    )
+    report = run_load.outage_report(good, down, up, run_load.OutageTargets(budget_ms=50))
+    assert report["ok"], report
+    assert report["during"] == 20 and report["during_degraded"] == 20
+    assert report["recall_5xx"] == 0 and report["events_5xx"] == 1
+    assert report["recovery_s"] == pytest.approx(0.014)
+    assert report["first_full_after_s"] == pytest.approx(0.33)
+    assert report["bound_ms"] == 60
+
+    slow = [*good, _response(112, 75, True)]  # over budget + 10 ms
+    assert run_load.outage_report(slow, down, up, run_load.OutageTargets(50))["checks"] == {
+        "no_5xx": True, "within_budget": False, "all_degraded_during": True, "recovered": True,
+    }  # fmt: skip
+    leaky = [*good, _response(113, 20, False)]  # a full answer while Redis was down?
+    assert not run_load.outage_report(leaky, down, up)["checks"]["all_degraded_during"]
+    late = [*good, _response(122.5, 3, True)]  # still degraded 2.5 s after Redis returned
+    assert not run_load.outage_report(late, down, up)["checks"]["recovered"]
+    error = [*good, _response(114, 5, None, status=500)]
+    assert not run_load.outage_report(error, down, up)["checks"]["no_5xx"]
+
+
+METRICS = """# HELP t2diff_stage_latency_seconds Recall stage latency
+# TYPE t2diff_stage_latency_seconds histogram
+t2diff_stage_latency_seconds_bucket{le="0.01",stage="tower"} %d
+t2diff_stage_latency_seconds_bucket{le="0.02",stage="tower"} %d
+t2diff_stage_latency_seconds_bucket{le="+Inf",stage="tower"} %d
+t2diff_stage_latency_seconds_sum{stage="tower"} %f
+t2diff_stage_latency_seconds_count{stage="tower"} %d
+t2diff_batch_size_bucket{le="1.0"} %d
+t2diff_batch_size_bucket{le="2.0"} %d
+t2diff_batch_size_bucket{le="+Inf"} %d
+t2diff_batch_size_sum %f
+t2diff_batch_size_count %d
+"""
+
+
+def test_prometheus_histograms_between_scrapes() -> None:
+    before = run_load.parse_prometheus(METRICS % (10, 10, 10, 0.05, 10, 10, 10, 10, 10.0, 10))
+    after = run_load.parse_prometheus(METRICS % (10, 110, 110, 1.55, 110, 60, 110, 110, 160.0, 110))
+    assert before[("t2diff_batch_size_count", ())] == 10
+    stages = run_load.histogram_summary(before, after, "t2diff_stage_latency_seconds", "stage")
+    tower = stages["tower"]
+    assert tower["count"] == 100 and tower["mean"] == pytest.approx(15.0)
+    assert tower["p50"] == pytest.approx(15.0) and tower["p99"] == pytest.approx(19.9)
+    batch = run_load.histogram_summary(before, after, "t2diff_batch_size", None, scale=1.0)
+    assert batch["all"]["mean"] == pytest.approx(1.5) and batch["all"]["p50"] == 1.0
+
+
+# --------------------------------------------------------------------------- --start-local
+
+
+def _listening(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        sock.settimeout(0.2)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.fixture(scope="module")
+def tiny_stack(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny export + index (torch-free, from service_fixtures) and a log of 60 users whose
+    items are the export's, so their recalls are full answers."""
+    if importlib.util.find_spec("locust") is None:
+        pytest.skip("the loadtest extra (locust) is not installed")
+    import shutil
+
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not on PATH")
+    from service_fixtures import build_tiny_export, build_tiny_index, item_id
+
+    root = tmp_path_factory.mktemp("loadstack")
+    artifacts = build_tiny_export(root / "artifacts")
+    index = build_tiny_index(artifacts, root / "index")
+    rng = random.Random(0)
+    lines = ["user_id,item_id,timestamp"]
+    for user in range(60):
+        for n in range(rng.randint(2, 15)):
+            lines.append(f"user{user},{item_id(rng.randrange(500))},{1_700_000_000 + 60 * n}")
+    data = root / "interactions.csv"
+    data.write_text("\n".join(lines) + "\n")
+    return {"root": root, "artifacts": artifacts, "index": index, "data": data}
+
+
+def _start_local(stack: dict[str, Path], out: Path, *extra: str) -> subprocess.CompletedProcess:
+    command = [
+        sys.executable, str(LOADTEST / "run_load.py"), "--start-local",
+        "--data", str(stack["data"]), "--artifacts", str(stack["artifacts"]),
+        "--index", str(stack["index"]), "--out-dir", str(out), "--warmup", "3",
+        "--machine", "test-box", "--model", "tiny", *extra,
+    ]  # fmt: skip
+    return subprocess.run(
+        command, cwd=ROOT, capture_output=True, text=True, timeout=180, check=False
+    )
+
+
+def _ports(out: Path) -> tuple[int, int]:
+    summary = json.loads((out / "summary.json").read_text())
+    env = summary["steps"][0]["service_env"]
+    redis_port = int(env["T2DIFF_REDIS_URL"].rsplit(":", 1)[1].split("/")[0])
+    return int(env["T2DIFF_PORT"]), redis_port
+
+
+def test_start_local_runs_end_to_end(tiny_stack: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    results = tmp_path / "load.csv"
+    proc = _start_local(
+        tiny_stack, out, "--rates", "6", "--run-time", "4s", "--p99-ms", "5000",
+        "--max-error-rate", "0", "--max-degraded-rate", "0", "--results-csv", str(results),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "SLO met" in proc.stdout
+    with results.open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 1
+    row = rows[0]
+    assert (row["machine"], row["model"], row["rate_rps"], row["duration_s"]) == (
+        "test-box", "tiny", "6", "4",
+    )  # fmt: skip
+    assert int(row["requests"]) >= 10 and row["errors"] == "0"
+    assert float(row["p50_ms"]) <= float(row["p99_ms"])
+    assert (out / "report.html").stat().st_size > 1000
+    assert (out / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    summary = json.loads((out / "summary.json").read_text())
+    step = summary["steps"][0]
+    # The simulated users called with the loaded users' ids: every recall a full answer.
+    loaded = set((out / "users.txt").read_text().split())
+    assert loaded == {f"user{u}" for u in range(60)}
+    assert step["responses"]["degraded"] == 0 and step["responses"]["recalls"] > 0
+    assert step["stats"]["POST /events"]["failures"] == 0  # the events body is accepted
+    assert step["metrics"]["stage_ms"]["tower"]["count"] > 0
+    assert step["service_env"]["T2DIFF_ORT_INTRA_THREADS"] == "1"
+    assert "loadavg" in step["before"]
+    # Everything it started is stopped.
+    service_port, redis_port = _ports(out)
+    assert not _listening(service_port) and not _listening(redis_port)
+
+
+def test_start_local_missed_slo_exits_1(tiny_stack: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "missed"
+    results = tmp_path / "load.csv"
+    proc = _start_local(
+        tiny_stack, out, "--rates", "4", "--run-time", "3s", "--p99-ms", "0.01",
+        "--results-csv", str(results),
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "SLO MISSED" in proc.stderr and "p99" in proc.stderr
+    assert len(results.read_text().splitlines()) == 2  # the row is written all the same
+    assert (out / "latency.png").exists() and (out / "report.html").exists()
+    service_port, redis_port = _ports(out)
+    assert not _listening(service_port) and not _listening(redis_port)
+
+
+def test_start_local_redis_outage(tiny_stack: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "outage"
+    proc = _start_local(
+        tiny_stack, out, "--rates", "20", "--run-time", "7s", "--endpoint", "/recall",
+        "--redis-outage-at", "2", "--redis-outage-s", "2",
+    )  # fmt: skip
+    # 1 only if the shared box blew the latency bound; the outage itself must behave.
+    assert proc.returncode in (0, 1), proc.stdout[-3000:] + proc.stderr[-3000:]
+    outage = json.loads((out / "summary.json").read_text())["steps"][0]["outage"]
+    assert outage["mode"] == "kill" and outage["outage_s"] == pytest.approx(2, abs=0.5)
+    checks = outage["checks"]
+    assert checks["no_5xx"] and checks["all_degraded_during"] and checks["recovered"], outage
+    assert outage["during"] >= 10
+    assert set(outage["during_reasons"]) <= {"redis_error", "redis_timeout", "redis_circuit_open"}
+    assert (out / "outage.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    if proc.returncode == 1:
+        assert not checks["within_budget"]
+
+
+def test_start_local_refuses_bad_setups(tmp_path: Path) -> None:
+    assert run_load.main(["--start-local", "--out-dir", str(tmp_path)]) == 2  # no --data
+    assert run_load.main(["--host", "http://x", "--start-local"]) == 2  # both targets
+    assert run_load.main(["--host", "http://x", "--redis-outage-at", "5"]) == 2  # not local
+    data = tmp_path / "d.csv"
+    data.write_text("user_id,item_id,timestamp\n")
+    args = ["--start-local", "--data", str(data), "--run-time", "10s", "--out-dir", str(tmp_path)]
+    assert run_load.main([*args, "--redis-outage-at", "5", "--redis-outage-s", "4"]) == 2
+    assert run_load.main([*args, "--artifacts", str(tmp_path / "none")]) == 2
