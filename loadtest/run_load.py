@@ -531,16 +531,29 @@ def outage_report(
     down_at: float,
     up_at: float,
     targets: OutageTargets = OutageTargets(),  # noqa: B008 - frozen dataclass
+    restart_at: float | None = None,
+    grace_s: float = 0.0,
 ) -> dict[str, object]:
-    """The outage figures of one run.  ``down_at``: when Redis was stopped; ``up_at``: when it
-    answered PING again (unix seconds).  "During the outage" = recalls *sent* in
-    [down_at, up_at).  Recovery = from ``up_at`` to the end of the last degraded recall sent
-    after it (0 when none was), and to the first full answer."""
+    """The outage figures of one run (unix seconds): ``down_at``, when Redis had been
+    stopped; ``restart_at``, when its restart (or SIGCONT) was issued (default ``up_at``);
+    ``up_at``, when it answered PING again.  "During the outage" = recalls *sent* in
+    [down_at, restart_at - grace_s): a read sent just before Redis resumes may still be
+    answered by it, within the service's Redis timeout (and one retry), which is what
+    ``grace_s`` allows for.  Recovery = from ``up_at`` to the end of the last degraded recall
+    sent after it and degraded for a Redis reason (0 when none was), and to the first full
+    answer."""
     recalls = [r for r in responses if r.endpoint == "/recall"]
     bound = targets.budget_ms + targets.slack_ms
-    during = [r for r in recalls if down_at <= r.t_start < up_at]
+    restart_at = up_at if restart_at is None else restart_at
+    during = [r for r in recalls if down_at <= r.t_start < restart_at - grace_s]
     after = [r for r in recalls if r.t_start >= up_at and r.status == 200]
-    degraded_after = [r for r in after if r.degraded]
+    # Only answers degraded because of Redis count against recovery: a tower_timeout after
+    # the outage is the load's (it happens before the outage too), reported apart.
+    degraded_after = [r for r in after if r.degraded and r.reason.startswith("redis")]
+    other_after: dict[str, int] = {}
+    for r in after:
+        if r.degraded and not r.reason.startswith("redis"):
+            other_after[r.reason or "unknown"] = other_after.get(r.reason or "unknown", 0) + 1
     first_full = min((r.t_end for r in after if r.degraded is False), default=math.nan)
     recall_5xx = sum(1 for r in recalls if r.status >= 500 or r.status == 0)
     over = [r for r in recalls if r.latency_ms > bound]
@@ -551,6 +564,10 @@ def outage_report(
             reasons[r.reason or "unknown"] = reasons.get(r.reason or "unknown", 0) + 1
     recovery = max((r.t_end for r in degraded_after), default=up_at) - up_at
     report: dict[str, object] = {
+        "down_at": round(down_at, 4),
+        "restart_at": round(restart_at, 4),
+        "up_at": round(up_at, 4),
+        "grace_s": grace_s,
         "outage_s": round(up_at - down_at, 3),
         "recalls": len(recalls),
         "recall_5xx": recall_5xx,
@@ -571,6 +588,7 @@ def outage_report(
         "recovery_s": round(recovery, 3),
         "first_full_after_s": round(first_full - up_at, 3),
         "degraded_after_up": len(degraded_after),
+        "other_degraded_after_up": other_after,
     }
     checks = {
         "no_5xx": recall_5xx == 0,
@@ -1105,11 +1123,11 @@ class RedisOutage(threading.Thread):
         try:
             if self.cancelled.wait(self.at_s):
                 return
-            self.down_at = time.time()
             self.redis.kill() if self.mode == "kill" else self.redis.pause()
+            self.down_at = time.time()  # after the signal: Redis is surely down from here
             print(f"run_load: Redis down ({self.mode}) for {self.duration_s:g} s", flush=True)
             self.cancelled.wait(self.duration_s)  # restore even when cancelled
-            self.restart_at = time.time()
+            self.restart_at = time.time()  # before the restart: surely down until here
             if self.mode == "kill":
                 self.redis.start()
             else:
@@ -1160,6 +1178,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("kill", "stop"),
         default="kill",
         help="kill + restart on the same port (default), or SIGSTOP/SIGCONT",
+    )
+    local.add_argument(
+        "--outage-grace-ms",
+        type=float,
+        default=100.0,
+        help="recalls sent this close before Redis resumes do not count as during the outage "
+        "(default 100: the service's 50 ms Redis timeout and its one retry)",
     )
     local.add_argument("--max-load", type=float, default=None, help="wait while loadavg1 > this")
     local.add_argument("--max-load-wait-s", type=float, default=600.0)
@@ -1437,7 +1462,12 @@ def run_step(
             return 2, summary
         budget = args.budget_ms or float(stack.env.get("T2DIFF_BUDGET_MS", 200))  # type: ignore[union-attr]
         report = outage_report(
-            responses, outage.down_at, outage.up_at, OutageTargets(budget_ms=budget)
+            responses,
+            outage.down_at,
+            outage.up_at,
+            OutageTargets(budget_ms=budget),
+            restart_at=outage.restart_at,
+            grace_s=args.outage_grace_ms / 1000,
         )
         report.update(
             mode=outage.mode,

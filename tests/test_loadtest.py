@@ -522,8 +522,20 @@ def test_outage_report_targets() -> None:
     assert not run_load.outage_report(leaky, down, up)["checks"]["all_degraded_during"]
     late = [*good, _response(122.5, 3, True)]  # still degraded 2.5 s after Redis returned
     assert not run_load.outage_report(late, down, up)["checks"]["recovered"]
+    loaded = [*good, _response(130, 60, True, reason="tower_timeout")]  # the load, not Redis
+    report = run_load.outage_report(loaded, down, up)
+    assert report["ok"] and report["other_degraded_after_up"] == {"tower_timeout": 1}
     error = [*good, _response(114, 5, None, status=500)]
     assert not run_load.outage_report(error, down, up)["checks"]["no_5xx"]
+
+    # SIGCONT at 119.9 (PING answered at 120): a recall sent 50 ms before the resume may be
+    # answered by the resumed Redis; with a 100 ms grace it is not counted as "during".
+    resumed = [*good, _response(119.85, 20, False)]
+    assert not run_load.outage_report(resumed, down, up, restart_at=119.9)["checks"][
+        "all_degraded_during"
+    ]
+    graced = run_load.outage_report(resumed, down, up, restart_at=119.9, grace_s=0.1)
+    assert graced["ok"] and graced["restart_at"] == 119.9 and graced["during"] == 20
 
 
 METRICS = """# HELP t2diff_stage_latency_seconds Recall stage latency
