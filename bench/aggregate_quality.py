@@ -30,6 +30,16 @@ ORDER = [
     "sasrec",
     "gru4rec",
     "two_tower",
+    "t2diff_w16",
+    "t2diff_gap3600",
+    "mixed_attention_gap3600",
+    "dimerec",
+    "dimerec_lr5e-4",
+    "comirec_sa",
+    "dimerec_no_gem",
+    "dimerec_no_recon",
+    "dimerec_no_ssm",
+    "dimerec_no_grw",
     "popularity",
 ]
 
@@ -48,10 +58,13 @@ def main() -> None:
         run = re.search(r"(run\d+)", path.name).group(1)  # type: ignore[union-attr]
         with open(path) as handle:
             for row in csv.DictReader(handle):
-                if (run, row["model"]) in dropped:
+                # A named job (``t2diff_w16_s0=t2diff:0``) is its own variant: group by the
+                # job name without its seed suffix, which is the model name otherwise.
+                variant = row["name"].rsplit("_s", 1)[0]
+                if (run, variant) in dropped:
                     continue
                 for metric in METRICS:
-                    values[row["model"]][metric].append(float(row[metric]))
+                    values[variant][metric].append(float(row[metric]))
     models = sorted(values, key=lambda m: ORDER.index(m) if m in ORDER else len(ORDER))
     with open(args.csv, "a" if args.append else "w", newline="") as handle:
         writer = csv.writer(handle)
