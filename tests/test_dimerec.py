@@ -273,7 +273,7 @@ def test_onnx_parity(name: str, tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- CLI
 
 
-def test_cli_train_evaluate_export(tmp_path: Path) -> None:
+def test_cli_train_evaluate_export_and_serve(tmp_path: Path, redis_url: str) -> None:
     from typer.testing import CliRunner
 
     from t2diff_cli.main import app
@@ -304,3 +304,20 @@ def test_cli_train_evaluate_export(tmp_path: Path) -> None:
     assert manifest["diffusion_steps"] == 5
     embeddings = np.load(artifacts / "item_embeddings.npy")
     assert np.allclose(np.linalg.norm(embeddings, axis=1), 1.0, atol=1e-5)
+    # Served by the same service, no code change: the manifest says which model it is.
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    index = tmp_path / "indexes" / "v1"
+    cli("build-index", "--artifacts", str(artifacts), "--out", str(index))
+    cli("sessions", "load", "--data", str(data), "--redis-url", redis_url)
+    settings = Settings(artifacts_dir=artifacts, index_dir=index, redis_url=redis_url)
+    with TestClient(create_app(settings)) as client:
+        assert client.get("/readyz").status_code == 200
+        body = client.post("/recall", json={"user_id": "u3", "k": 5}).json()
+        assert len(body["items"]) == 5 and not body["cold_start"] and not body["degraded"]
+        assert client.post("/recall", json={"user_id": "u3", "k": 5}).json()["items"] == (
+            body["items"]
+        )
