@@ -30,6 +30,7 @@ from fastapi import Depends, FastAPI, Header, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from contracts.sessions import MAX_ID_LENGTH, Session
 from service.core import RecallEngine, RecallItem, RecallRequest
@@ -236,7 +237,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     store.get_sessions([body.user_id], settings.session_max_len), left
                 )
                 state.breaker.success()
-            except TimeoutError:
+            except (TimeoutError, RedisTimeoutError):
+                # asyncio's deadline or redis-py's socket timeout (not a builtin subclass).
                 reason = "redis_timeout"
                 state.breaker.failure()
                 metrics.redis_errors.labels("read", "timeout").inc()
