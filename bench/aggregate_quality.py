@@ -27,6 +27,7 @@ ORDER = [
     "t2diff_linear",
     "t2diff_log",
     "t2diff_T10",
+    "t2diff_T200",
     "sasrec",
     "gru4rec",
     "two_tower",
