@@ -318,6 +318,7 @@ def test_cli_train_evaluate_export_and_serve(tmp_path: Path, redis_url: str) -> 
         assert client.get("/readyz").status_code == 200
         body = client.post("/recall", json={"user_id": "u3", "k": 5}).json()
         assert len(body["items"]) == 5 and not body["cold_start"] and not body["degraded"]
-        assert client.post("/recall", json={"user_id": "u3", "k": 5}).json()["items"] == (
-            body["items"]
+        assert (
+            client.post("/recall", json={"user_id": "u3", "k": 5}).json()["items"]
+            == (body["items"])
         )
