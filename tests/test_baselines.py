@@ -12,14 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from model_fixtures import BATCH, N_ITEMS, SEQ_LEN, noise_for, tiny_batch
 
 from contracts.tower import INPUT_ITEM_SEQ, INPUT_NOISE, INPUT_TIME_LAG, OUTPUT_USER_EMBEDDING
 from model.base import Batch, SequentialRecommender
 from model.registry import MODELS, build_model, make_config, model_names
 
-N_ITEMS = 30
-BATCH = 8
-SEQ_LEN = 12
 BASELINES = ["sasrec", "gru4rec", "two_tower"]
 # Applied where the model has the option: small enough for a CPU test, large enough to learn.
 TINY = {
@@ -51,23 +49,6 @@ def build(name: str, seed: int = 0, **extra: object) -> SequentialRecommender:
     torch.manual_seed(seed)
     popularity = np.arange(N_ITEMS + 1, dtype=np.float64)
     return build_model(name, N_ITEMS, tiny_config(name, **extra), popularity)
-
-
-def tiny_batch() -> Batch:
-    """Left-padded windows of varied length (one empty, one full); the target is a fixed
-    function of the newest item, so every model can fit it."""
-    gen = torch.Generator().manual_seed(1)
-    lengths = torch.tensor([SEQ_LEN, 1, 5, 0, 7, SEQ_LEN, 3, 9])
-    tokens = torch.randint(1, N_ITEMS + 1, (BATCH, SEQ_LEN), generator=gen)
-    valid = torch.arange(SEQ_LEN)[None, :] >= SEQ_LEN - lengths[:, None]
-    item_seq = torch.where(valid, tokens, 0)
-    time_lag = torch.where(valid, torch.rand(BATCH, SEQ_LEN, generator=gen) * 1e5, 0.0)
-    target = (item_seq[:, SEQ_LEN - 1] * 7) % N_ITEMS + 1
-    return Batch(item_seq=item_seq, time_lag=time_lag.float(), target=target)
-
-
-def noise_for(model: SequentialRecommender, seed: int = 0) -> torch.Tensor:
-    return torch.randn(model.noise_shape, generator=torch.Generator().manual_seed(seed))
 
 
 def eval_loss(model: SequentialRecommender, batch: Batch) -> float:

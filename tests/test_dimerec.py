@@ -13,15 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from model_fixtures import BATCH, N_ITEMS, SEQ_LEN, noise_for, tiny_batch
 
 from contracts.tower import INPUT_ITEM_SEQ, INPUT_NOISE, INPUT_TIME_LAG, OUTPUT_USER_EMBEDDING
 from model.base import Batch
 from model.dimerec import DimeRec, geodesic_random_walk, l2_normalize
 from model.registry import DIMEREC_VARIANTS, build_model, make_config
 
-N_ITEMS = 30
-BATCH = 8
-SEQ_LEN = 12
 STEPS = 5
 NAMES = list(DIMEREC_VARIANTS)
 TINY = {"dim": 16, "max_seq_len": SEQ_LEN, "diffusion_steps": STEPS, "dam_hidden": 32}
@@ -40,23 +38,6 @@ def build(name: str = "dimerec", seed: int = 0, **extra: object) -> DimeRec:
     model = build_model(name, N_ITEMS, make_config(name, {**TINY, **extra}))
     assert isinstance(model, DimeRec)
     return model
-
-
-def tiny_batch() -> Batch:
-    """Left-padded windows of varied length (one empty, one full); the target is a fixed
-    function of the newest item."""
-    gen = torch.Generator().manual_seed(1)
-    lengths = torch.tensor([SEQ_LEN, 1, 5, 0, 7, SEQ_LEN, 3, 9])
-    tokens = torch.randint(1, N_ITEMS + 1, (BATCH, SEQ_LEN), generator=gen)
-    valid = torch.arange(SEQ_LEN)[None, :] >= SEQ_LEN - lengths[:, None]
-    item_seq = torch.where(valid, tokens, 0)
-    time_lag = torch.where(valid, torch.rand(BATCH, SEQ_LEN, generator=gen) * 1e5, 0.0)
-    target = (item_seq[:, SEQ_LEN - 1] * 7) % N_ITEMS + 1
-    return Batch(item_seq=item_seq, time_lag=time_lag.float(), target=target)
-
-
-def noise_for(model: DimeRec, seed: int = 0) -> torch.Tensor:
-    return torch.randn(model.noise_shape, generator=torch.Generator().manual_seed(seed))
 
 
 def eval_loss(model: DimeRec, batch: Batch) -> tuple[float, dict[str, float]]:
