@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from model.base import Batch, SequentialRecommender
@@ -26,3 +28,32 @@ def tiny_batch() -> Batch:
 
 def noise_for(model: SequentialRecommender, seed: int = 0) -> torch.Tensor:
     return torch.randn(model.noise_shape, generator=torch.Generator().manual_seed(seed))
+
+
+def assert_onnx_matches(model: SequentialRecommender, path: Path, seeds: tuple[int, ...]) -> None:
+    """Export ``model`` to ``path`` and check ONNX Runtime against eager on the tiny batch
+    (batch 8, traced at batch 2: the batch axis is dynamic), for each noise seed."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from contracts.tower import INPUT_ITEM_SEQ, INPUT_NOISE, INPUT_TIME_LAG, OUTPUT_USER_EMBEDDING
+    from model.export import export_onnx  # torch.onnx.export(dynamo=False, opset 17)
+
+    export_onnx(model, path, SEQ_LEN)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert {i.name for i in session.get_inputs()} == {INPUT_ITEM_SEQ, INPUT_TIME_LAG, INPUT_NOISE}
+    batch = tiny_batch()
+    for seed in seeds:
+        noise = noise_for(model, seed)
+        with torch.no_grad():
+            expected = model.eval().user_embedding(batch, noise).numpy()
+        (got,) = session.run(
+            [OUTPUT_USER_EMBEDDING],
+            {
+                INPUT_ITEM_SEQ: batch.item_seq.numpy(),
+                INPUT_TIME_LAG: batch.time_lag.numpy(),
+                INPUT_NOISE: noise.numpy(),
+            },
+        )
+        assert got.shape == expected.shape
+        assert np.abs(got - expected).max() < 1e-4

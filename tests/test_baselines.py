@@ -12,9 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from model_fixtures import BATCH, N_ITEMS, SEQ_LEN, noise_for, tiny_batch
+from model_fixtures import BATCH, N_ITEMS, SEQ_LEN, assert_onnx_matches, noise_for, tiny_batch
 
-from contracts.tower import INPUT_ITEM_SEQ, INPUT_NOISE, INPUT_TIME_LAG, OUTPUT_USER_EMBEDDING
 from model.base import Batch, SequentialRecommender
 from model.registry import MODELS, build_model, make_config, model_names
 
@@ -155,9 +154,7 @@ def test_deterministic(name: str) -> None:
     ],
 )
 def test_onnx_parity(name: str, extra: dict, tmp_path: Path) -> None:
-    ort = pytest.importorskip("onnxruntime")
-    from model.export import export_onnx  # torch.onnx.export(dynamo=False, opset 17)
-
+    pytest.importorskip("onnxruntime")
     model = build(name, **extra)
     # Train a few steps so LayerNorm/bias parameters are not at their trivial init.
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -166,24 +163,7 @@ def test_onnx_parity(name: str, extra: dict, tmp_path: Path) -> None:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    path = tmp_path / "tower.onnx"
-    export_onnx(model, path, SEQ_LEN)
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    assert {i.name for i in session.get_inputs()} == {INPUT_ITEM_SEQ, INPUT_TIME_LAG, INPUT_NOISE}
-    batch = tiny_batch()  # batch 8, traced at batch 2: the batch axis is dynamic
-    noise = noise_for(model)
-    with torch.no_grad():
-        expected = model.eval().user_embedding(batch, noise).numpy()
-    (got,) = session.run(
-        [OUTPUT_USER_EMBEDDING],
-        {
-            INPUT_ITEM_SEQ: batch.item_seq.numpy(),
-            INPUT_TIME_LAG: batch.time_lag.numpy(),
-            INPUT_NOISE: noise.numpy(),
-        },
-    )
-    assert got.shape == expected.shape
-    assert np.abs(got - expected).max() < 1e-4
+    assert_onnx_matches(model, tmp_path / "tower.onnx", seeds=(0,))
 
 
 @pytest.mark.parametrize("name", BASELINES)

@@ -13,9 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from model_fixtures import BATCH, N_ITEMS, SEQ_LEN, noise_for, tiny_batch
+from model_fixtures import BATCH, N_ITEMS, SEQ_LEN, assert_onnx_matches, noise_for, tiny_batch
 
-from contracts.tower import INPUT_ITEM_SEQ, INPUT_NOISE, INPUT_TIME_LAG, OUTPUT_USER_EMBEDDING
 from model.base import Batch
 from model.dimerec import DimeRec, geodesic_random_walk, l2_normalize
 from model.registry import DIMEREC_VARIANTS, build_model, make_config
@@ -225,30 +224,10 @@ def test_comirec_scores_are_the_best_interest() -> None:
 
 @pytest.mark.parametrize("name", ["dimerec", "comirec_sa", "dimerec_no_grw"])
 def test_onnx_parity(name: str, tmp_path: Path) -> None:
-    ort = pytest.importorskip("onnxruntime")
-    from model.export import export_onnx
-
+    pytest.importorskip("onnxruntime")
     model = build(name)
     train_steps(model, tiny_batch(), 3)
-    path = tmp_path / "tower.onnx"
-    export_onnx(model, path, SEQ_LEN)
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    assert {i.name for i in session.get_inputs()} == {INPUT_ITEM_SEQ, INPUT_TIME_LAG, INPUT_NOISE}
-    batch = tiny_batch()  # batch 8, traced at batch 2: the batch axis is dynamic
-    for seed in (0, 1):
-        noise = noise_for(model, seed)
-        with torch.no_grad():
-            expected = model.eval().user_embedding(batch, noise).numpy()
-        (got,) = session.run(
-            [OUTPUT_USER_EMBEDDING],
-            {
-                INPUT_ITEM_SEQ: batch.item_seq.numpy(),
-                INPUT_TIME_LAG: batch.time_lag.numpy(),
-                INPUT_NOISE: noise.numpy(),
-            },
-        )
-        assert got.shape == expected.shape
-        assert np.abs(got - expected).max() < 1e-4
+    assert_onnx_matches(model, tmp_path / "tower.onnx", seeds=(0, 1))
 
 
 # --------------------------------------------------------------------------- CLI
