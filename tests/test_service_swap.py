@@ -178,3 +178,22 @@ def test_admin_rollback_returns_to_the_previous_promotion(links: Path, redis_url
 def test_admin_rollback_is_absent_without_a_release_root(links: Path, redis_url: str) -> None:
     with TestClient(create_app(settings_for(links, redis_url))) as c:
         assert c.post("/admin/rollback", headers=AUTH).status_code == 404
+
+
+def test_admin_rollback_without_a_previous_version_changes_nothing(
+    tmp_path: Path, redis_url: str
+) -> None:
+    root = tmp_path / "fresh"
+    build_version(root, A, seed=0)
+    point_link(root / "indexes" / "current", A)
+    point_link(root / "artifacts" / "current", A)
+    before = sorted(p.name for p in root.iterdir() if not p.name.startswith("."))
+    with TestClient(create_app(settings_for(root, redis_url, release_root=root))) as c:
+        response = c.post("/admin/rollback", headers=AUTH)
+        assert response.status_code == 409
+        assert "no previous version" in response.json()["errors"]["rollback"]
+        assert versions(c) == (A, A)
+    assert (root / "artifacts" / "current").resolve().name == A
+    assert (root / "indexes" / "current").resolve().name == A
+    # Nothing written but the release lock itself: no history entry, no new version.
+    assert sorted(p.name for p in root.iterdir() if not p.name.startswith(".")) == before
