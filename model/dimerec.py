@@ -66,6 +66,12 @@ class DimeRecConfig:
     gem_weight: float = 1.0  # 0: the "w/o L_gem" ablation
     recon_weight: float = 0.1  # lambda; 0: "w/o L_recon"
     ssm_weight: float = 1.0  # mu; 0: "w/o L_ssm"
+    # 0: L_ssm scores the same denoised x_0 as L_recon (one t ~ U[0, T), the paper).
+    # f in (0, 1): L_ssm scores a second denoising from t ~ U[floor(f T), T), where x_t
+    # carries (almost) nothing of the target.  At small t the denoiser can read the target
+    # off x_t, so the paper's L_ssm rewards copying x_t, a skill serving never uses (it
+    # starts from pure noise); see docs/model.md, DimeRec.
+    ssm_min_step_frac: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -142,6 +148,8 @@ class DimeRec(SequentialRecommender):
         super().__init__(n_items, config.dim)
         if config.interests < 1 or config.diffusion_steps < 1:
             raise ValueError("dimerec needs interests >= 1 and diffusion_steps >= 1")
+        if not 0.0 <= config.ssm_min_step_frac < 1.0:
+            raise ValueError("dimerec needs 0 <= ssm_min_step_frac < 1")
         self.config = config
         d = config.dim
         self.item_emb = nn.Embedding(n_items + 1, d, padding_idx=0)
@@ -202,6 +210,11 @@ class DimeRec(SequentialRecommender):
             t = torch.randint(0, self.schedule.steps, (len(x0),), device=x0.device)
             x0_hat = self._denoise(self._add_noise(x0, torch.randn_like(x0), t), t, interests)
             recon_loss = (x0_hat - x0).pow(2).sum(1).mean()
+            if cfg.ssm_min_step_frac > 0:
+                low = min(int(cfg.ssm_min_step_frac * self.schedule.steps), self.schedule.steps - 1)
+                t_ssm = torch.randint(low, self.schedule.steps, (len(x0),), device=x0.device)
+                xt_ssm = self._add_noise(x0, torch.randn_like(x0), t_ssm)
+                x0_hat = self._denoise(xt_ssm, t_ssm, interests)
             ssm_loss = self._softmax_loss(x0_hat, batch.target, items)
             total = total + cfg.recon_weight * recon_loss + cfg.ssm_weight * ssm_loss
             parts.update(recon=recon_loss.detach(), ssm=ssm_loss.detach())

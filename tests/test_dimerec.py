@@ -139,6 +139,25 @@ def test_sampled_softmax_option() -> None:
     assert eval_loss(model, batch)[0] < 0.8 * before
 
 
+def test_ssm_from_high_steps_option() -> None:
+    """``ssm_min_step_frac``: L_ssm on a second denoising from a high t; it still trains,
+    leaves L_gem and L_recon as they were, and bad fractions are refused."""
+    batch = tiny_batch()
+    plain, high = build("dimerec"), build("dimerec", ssm_min_step_frac=0.99)
+    _, parts_plain = eval_loss(plain, batch)
+    _, parts_high = eval_loss(high, batch)
+    assert parts_high["gem"] == pytest.approx(parts_plain["gem"])
+    assert parts_high["recon"] == pytest.approx(parts_plain["recon"])
+    assert parts_high["ssm"] != pytest.approx(parts_plain["ssm"])
+    before, _ = eval_loss(high, batch)
+    torch.manual_seed(7)
+    train_steps(high, batch, 30)
+    assert eval_loss(high, batch)[0] < 0.8 * before
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="ssm_min_step_frac"):
+            build("dimerec", ssm_min_step_frac=bad)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_deterministic_with_a_seed(name: str) -> None:
     first, second = build(name, seed=3), build(name, seed=3)
