@@ -17,11 +17,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import random
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,27 +34,15 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from service_fixtures import build_tiny_export, build_tiny_index, item_id  # noqa: E402
 
 from contracts.sessions import encode_event, session_key  # noqa: E402
+from t2diff_cli.local_stack import (  # noqa: E402
+    RedisServer,
+    free_port,
+    service_process,
+    service_settings,
+)
 
 CONCURRENCY = (1, 8, 64)
 SETTINGS = {"on": {"T2DIFF_MAX_BATCH": "64", "T2DIFF_BATCH_WAIT_MS": "2"}, "off": {"T2DIFF_MAX_BATCH": "1"}}  # fmt: skip
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_until(check, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if check():
-                return
-        except Exception:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"{what} did not come up in {timeout_s}s")
 
 
 def load_sessions(url: str, users: int, items: int, per_user: int) -> None:
@@ -136,58 +121,34 @@ def main() -> None:
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench-service-"))
-    redis_proc = server = None
     try:
         artifacts = build_tiny_export(
             work / "artifacts" / "bench", num_items=args.items, dim=args.dim, n_clusters=50,
             max_seq_len=50, model_version="bench",
         )  # fmt: skip
         index = build_tiny_index(artifacts, work / "indexes" / "bench")
-        redis_port = free_port()
-        redis_proc = subprocess.Popen(
-            [shutil.which("redis-server") or "redis-server", "--port", str(redis_port),
-             "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-            stdout=subprocess.DEVNULL,
-        )  # fmt: skip
-        redis_url = f"redis://127.0.0.1:{redis_port}/0"
-        wait_until(lambda: redis.Redis.from_url(redis_url).ping(), 10, "redis")
-        load_sessions(redis_url, args.users, args.items, args.session_len)
-
-        rows = []
-        for mode, extra in SETTINGS.items():
-            port = free_port()
-            env = {
-                **os.environ,
-                "T2DIFF_ARTIFACTS_DIR": str(artifacts),
-                "T2DIFF_INDEX_DIR": str(index),
-                "T2DIFF_REDIS_URL": redis_url,
-                "T2DIFF_PORT": str(port),
-                "T2DIFF_LOG_LEVEL": "warning",
-                "T2DIFF_BUDGET_MS": "5000",  # measure latency, not the fallback
-                "T2DIFF_WATCH_INTERVAL_S": "0",
-                "OMP_WAIT_POLICY": "PASSIVE",
-                **extra,
-            }
-            server = subprocess.Popen([sys.executable, "-m", "service.server"], cwd=ROOT, env=env)
-            base = f"http://127.0.0.1:{port}"
-            wait_until(lambda: httpx.get(f"{base}/readyz").status_code == 200, 120, "server")  # noqa: B023
-            for concurrency in CONCURRENCY:
-                before = batch_stats(base)
-                result = asyncio.run(drive(base, concurrency, args.seconds, args.users))
-                after = batch_stats(base)
-                batches = after[1] - before[1]
-                result["mean_batch"] = (after[0] - before[0]) / batches if batches else 0.0
-                rows.append({"batching": mode, "clients": concurrency, **result})
-                print(rows[-1], flush=True)
-            server.terminate()
-            server.wait(timeout=30)
-            server = None
+        with RedisServer() as redis_server:
+            load_sessions(redis_server.url, args.users, args.items, args.session_len)
+            rows = []
+            for mode, extra in SETTINGS.items():
+                env = {
+                    **service_settings(artifacts, index, redis_server.url, free_port()),
+                    "T2DIFF_LOG_LEVEL": "warning",
+                    "T2DIFF_BUDGET_MS": "5000",  # measure latency, not the fallback
+                    "T2DIFF_WATCH_INTERVAL_S": "0",
+                    "OMP_WAIT_POLICY": "PASSIVE",
+                    **extra,
+                }
+                with service_process(env, 120, cwd=ROOT, stop_timeout_s=30) as base:
+                    for concurrency in CONCURRENCY:
+                        before = batch_stats(base)
+                        result = asyncio.run(drive(base, concurrency, args.seconds, args.users))
+                        after = batch_stats(base)
+                        batches = after[1] - before[1]
+                        result["mean_batch"] = (after[0] - before[0]) / batches if batches else 0.0
+                        rows.append({"batching": mode, "clients": concurrency, **result})
+                        print(rows[-1], flush=True)
     finally:
-        if server is not None:
-            server.kill()
-        if redis_proc is not None:
-            redis_proc.terminate()
-            redis_proc.wait(timeout=10)
         shutil.rmtree(work, ignore_errors=True)
 
     header = (

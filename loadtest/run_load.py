@@ -65,9 +65,24 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # matplotlib is imported where a plot is drawn
+    from matplotlib.figure import Figure
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+if str(ROOT) not in sys.path:  # run as a script without the project installed
+    sys.path.append(str(ROOT))
+
+from t2diff_cli.local_stack import (  # noqa: E402 - needs ROOT on the path
+    RedisServer,
+    ServiceNotReady,
+    file_tail,
+    free_port,
+    wait_until_ready,
+)
+
 LOCUSTFILE = HERE / "locustfile.py"
 AGGREGATED = "Aggregated"
 RESULTS_HEADER = [
@@ -286,16 +301,30 @@ def read_history(path: Path, name: str = AGGREGATED) -> list[dict[str, float]]:
 _TICKS = {0.5, 0.9, 0.95, 0.99, 0.999, 0.9999, 1.0}
 
 
-def plot_latency(
-    rows: Sequence[Stats], history: Sequence[dict[str, float]], out_png: Path, title: str
-) -> Path:
-    """Latency-percentile curves per endpoint (left) and p50/p95/p99 over time (right)."""
+def _new_figure(figsize: tuple[float, float]) -> Figure:
+    """A matplotlib figure drawn off-screen (Agg: no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(13, 4.8))
+    return Figure(figsize=figsize)
+
+
+def _save_png(fig: Figure, out_png: Path) -> Path:
+    """Lay ``fig`` out and write it to ``out_png`` (its folder made when missing)."""
+    fig.tight_layout()
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=110)
+    return out_png
+
+
+def plot_latency(
+    rows: Sequence[Stats], history: Sequence[dict[str, float]], out_png: Path, title: str
+) -> Path:
+    """Latency-percentile curves per endpoint (left) and p50/p95/p99 over time (right)."""
+    fig = _new_figure((13, 4.8))
     left, right = fig.subplots(1, 2)
     # x = "number of nines" so that the tail (p99, p99.9) gets room.
     xs = [-math.log10(1 - q) if q < 1 else 4.5 for q, _ in PERCENTILES]
@@ -338,11 +367,7 @@ def plot_latency(
         right.set_axis_off()
 
     fig.suptitle(title)
-    fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=110)
-    return out_png
+    return _save_png(fig, out_png)
 
 
 # --------------------------------------------------------------------------- locust
@@ -605,14 +630,9 @@ def plot_outage(
     responses: Sequence[Response], down_at: float, up_at: float, out_png: Path, title: str
 ) -> Path:
     """Every recall's latency against its send time: full answers, degraded ones, errors."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
-
     recalls = [r for r in responses if r.endpoint == "/recall"]
     start = min((r.t_start for r in recalls), default=down_at)
-    fig = Figure(figsize=(11, 4.5))
+    fig = _new_figure((11, 4.5))
     ax = fig.subplots()
     groups = [
         ("full", "tab:blue", [r for r in recalls if r.status == 200 and r.degraded is False]),
@@ -635,11 +655,7 @@ def plot_outage(
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="upper right")
     ax.set_title(title)
-    fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=110)
-    return out_png
+    return _save_png(fig, out_png)
 
 
 # --------------------------------------------------------------------------- /metrics
@@ -819,98 +835,6 @@ def wait_for_quiet(
 # --------------------------------------------------------------------------- local stack
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _resp(port: int, *args: str, timeout_s: float = 0.5) -> bytes:
-    """One Redis command over raw RESP (no client library); the first reply chunk."""
-    payload = f"*{len(args)}\r\n" + "".join(f"${len(a.encode())}\r\n{a}\r\n" for a in args)
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as sock:
-        sock.sendall(payload.encode())
-        return sock.recv(256)
-
-
-class LocalRedis:
-    """A private redis-server on a fixed port (no persistence of its own): started, snapshot
-    once (``SAVE`` into its own directory, so a restart finds the sessions again, as a
-    Redis restarted from its last RDB snapshot would), killed, paused, resumed, stopped."""
-
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
-        import shutil
-
-        binary = shutil.which("redis-server") or "/usr/bin/redis-server"
-        if not Path(binary).exists():
-            raise RuntimeError("redis-server not found (apt-get install redis-server)")
-        self.binary = binary
-        self.port = port or free_port()
-        self.workdir = Path(workdir)
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.process: subprocess.Popen[bytes] | None = None
-        self.paused = False
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self, timeout_s: float = 10.0) -> None:
-        log = (self.workdir / "redis.log").open("ab")
-        self.process = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
-             "--save", "", "--appendonly", "no", "--dir", str(self.workdir),
-             "--dbfilename", "snapshot.rdb"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-        log.close()
-        deadline = time.monotonic() + timeout_s
-        while not self.ping():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"redis-server on port {self.port} did not start")
-            time.sleep(0.02)
-
-    def ping(self) -> bool:
-        try:
-            return _resp(self.port, "PING", timeout_s=0.2).startswith(b"+PONG")
-        except OSError:
-            return False
-
-    def snapshot(self) -> None:
-        reply = _resp(self.port, "SAVE", timeout_s=60)
-        if not reply.startswith(b"+OK"):
-            raise RuntimeError(f"redis SAVE failed: {reply!r}")
-
-    def kill(self) -> None:
-        if self.process is not None:
-            self.process.kill()
-            self.process.wait()
-            self.process = None
-
-    def pause(self) -> None:
-        if self.process is not None:
-            self.process.send_signal(signal.SIGSTOP)
-            self.paused = True
-
-    def resume(self) -> None:
-        if self.process is not None:
-            self.process.send_signal(signal.SIGCONT)
-            self.paused = False
-
-    def stop(self) -> None:
-        if self.process is None:
-            return
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGCONT)  # a paused server cannot exit
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.process = None
-
-
 # Serving settings for a small CPU box: one ORT and one FAISS thread per call and as many
 # concurrent engine calls as cores, OpenMP threads that sleep instead of spinning, quiet
 # logs, no artifact polling.  --service-env overrides any of them.
@@ -922,13 +846,6 @@ SERVICE_DEFAULTS = {
     "T2DIFF_WATCH_INTERVAL_S": "0",
     "OMP_WAIT_POLICY": "PASSIVE",
 }
-
-
-def _tail(path: Path, chars: int = 3000) -> str:
-    try:
-        return path.read_text(errors="replace")[-chars:]
-    except OSError:
-        return ""
 
 
 class LocalStack:
@@ -951,7 +868,7 @@ class LocalStack:
         self.service_env = service_env
         self.ready_timeout_s = ready_timeout_s
         self.data_format = data_format
-        self.redis: LocalRedis | None = None
+        self.redis: RedisServer | None = None
         self.service: subprocess.Popen[bytes] | None = None
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
@@ -977,7 +894,9 @@ class LocalStack:
                 raise RuntimeError(f"{what} {path} does not exist")
         if not (self.index / "manifest.json").exists():
             raise RuntimeError(f"--index {self.index} has no manifest.json")
-        self.redis = LocalRedis(self.out_dir / "redis")
+        # Persistence off, but one SAVE snapshot after loading (below): a Redis killed by
+        # --redis-outage-mode kill comes back with the sessions, as from its last RDB file.
+        self.redis = RedisServer(workdir=self.out_dir / "redis", keep_snapshot=True)
         self.redis.start()
         print(f"run_load: redis-server on {self.redis.url}", flush=True)
         started = time.monotonic()
@@ -1017,28 +936,14 @@ class LocalStack:
         print(f"run_load: service ready at {self.base} (pid {self.service.pid})", flush=True)
 
     def _wait_ready(self) -> None:
-        import urllib.error
-        import urllib.request
-
-        deadline = time.monotonic() + self.ready_timeout_s
-        last = ""
-        while time.monotonic() < deadline:
-            assert self.service is not None
-            if self.service.poll() is not None:
-                raise RuntimeError(
-                    f"t2diff serve exited with {self.service.returncode}: "
-                    f"{_tail(self.out_dir / 'service.log')}"
-                )
-            try:
-                with urllib.request.urlopen(f"{self.base}/readyz", timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except urllib.error.HTTPError as exc:
-                last = exc.read().decode(errors="replace")[:500]
-            except OSError as exc:
-                last = str(exc)
-            time.sleep(0.25)
-        raise RuntimeError(f"service not ready after {self.ready_timeout_s:.0f}s: {last}")
+        assert self.service is not None
+        try:
+            wait_until_ready(self.base, self.ready_timeout_s, self.service, poll_s=0.25)
+        except ServiceNotReady as exc:
+            if exc.returncode is None:
+                raise  # not ready in time (a RuntimeError, like every stack failure)
+            log_tail = file_tail(self.out_dir / "service.log", 3000)
+            raise RuntimeError(f"t2diff serve exited with {exc.returncode}: {log_tail}") from None
 
     def _write_users(self) -> int:
         """The loaded user ids, longest session first (ties in a seeded shuffle), so that a
@@ -1108,7 +1013,7 @@ class RedisOutage(threading.Thread):
     ``stop`` (SIGSTOP/SIGCONT: connections hang instead of being refused).  Records the
     unix times ``down_at`` and ``up_at`` (Redis answers PING again)."""
 
-    def __init__(self, redis: LocalRedis, at_s: float, duration_s: float, mode: str) -> None:
+    def __init__(self, redis: RedisServer, at_s: float, duration_s: float, mode: str) -> None:
         super().__init__(name="redis-outage", daemon=True)
         if mode not in ("kill", "stop"):
             raise ValueError(f"outage mode must be kill or stop, not {mode!r}")

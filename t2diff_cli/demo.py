@@ -7,12 +7,6 @@ child process (the same ``python -m service.server`` a container runs), then sto
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import socket
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,23 +14,13 @@ from pathlib import Path
 
 import typer
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_until(check, timeout_s: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if check():
-                return
-        except Exception:  # noqa: BLE001 - not up yet; any error means "try again"
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(f"{what} not ready after {timeout_s:.0f}s")
+from t2diff_cli.local_stack import (
+    RedisServer,
+    free_port,
+    redis_binary,
+    service_process,
+    service_settings,
+)
 
 
 @contextmanager
@@ -45,52 +29,10 @@ def local_redis(url: str | None) -> Iterator[str]:
     if url:
         yield url
         return
-    binary = shutil.which("redis-server")
-    if binary is None:
+    if redis_binary() is None:
         raise typer.BadParameter("redis-server not found: install it (make setup) or --redis-url")
-    import redis
-
-    port = free_port()
-    workdir = tempfile.mkdtemp(prefix="t2diff-redis-")
-    process = subprocess.Popen(
-        [
-            binary,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            workdir,
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    started = f"redis://127.0.0.1:{port}/0"
-    try:
-        wait_until(lambda: redis.Redis.from_url(started).ping(), 10, "redis-server")
-        yield started
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
-        shutil.rmtree(workdir, ignore_errors=True)
-
-
-@contextmanager
-def api_server(env: dict[str, str], port: int) -> Iterator[str]:
-    import httpx
-
-    process = subprocess.Popen([sys.executable, "-m", "service.server"], env={**os.environ, **env})
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_until(lambda: httpx.get(f"{base}/readyz").status_code == 200, 60, "recall API")
-        yield base
-    finally:
-        process.terminate()
-        process.wait(timeout=20)
+    with RedisServer() as server:
+        yield server.url
 
 
 def step(title: str) -> float:
@@ -157,15 +99,12 @@ def run_demo(
 
         port = free_port()
         env = {
-            "T2DIFF_ARTIFACTS_DIR": str(artifacts_dir),
-            "T2DIFF_INDEX_DIR": str(index_dir),
-            "T2DIFF_REDIS_URL": url,
-            "T2DIFF_PORT": str(port),
+            **service_settings(artifacts_dir, index_dir, url, port),
             "T2DIFF_LOG_LEVEL": "warning",
             "OMP_WAIT_POLICY": "PASSIVE",
         }
         step(f"start the API on port {port} and call POST /recall")
-        with api_server(env, port) as base:
+        with service_process(env, ready_timeout_s=60) as base:
             user_ids = [str(u) for u in sequences.user_ids[:n_requests]] + ["new-user"]
             for user_id in user_ids:
                 body = {"user_id": user_id, "k": 5, "exclude_seen": True}

@@ -12,10 +12,6 @@ test; this keeps the service tests torch-free and quick.
 from __future__ import annotations
 
 import json
-import signal
-import socket
-import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
@@ -187,64 +183,3 @@ def point_link(link: Path, version: str) -> None:
     tmp.unlink(missing_ok=True)
     tmp.symlink_to(version)
     tmp.replace(link)
-
-
-# --------------------------------------------------------------------------- redis process
-
-
-class RedisProcess:
-    """A private redis-server on a fixed port that a test can stop, restart, pause
-    (SIGSTOP: accepts connections, answers nothing) and resume."""
-
-    def __init__(self, port: int) -> None:
-        import shutil
-
-        self.port = port
-        self.binary = shutil.which("redis-server")
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self, timeout_s: float = 10.0) -> None:
-        assert self.binary is not None
-        self.process = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
-             "--save", "", "--appendonly", "no"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        deadline = time.monotonic() + timeout_s
-        while not self.ping():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"redis-server on port {self.port} did not start")
-            time.sleep(0.02)
-
-    def ping(self) -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as sock:
-                sock.sendall(b"*1\r\n$4\r\nPING\r\n")
-                return sock.recv(64).startswith(b"+PONG")
-        except OSError:
-            return False
-
-    def stop(self) -> None:
-        if self.process is not None:
-            if self.process.poll() is None:
-                self.process.send_signal(signal.SIGCONT)  # a paused server cannot exit
-                self.process.terminate()
-                try:
-                    self.process.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    self.process.kill()
-                    self.process.wait()
-            self.process = None
-
-    def pause(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGSTOP)
-
-    def resume(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGCONT)

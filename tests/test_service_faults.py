@@ -12,18 +12,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import free_port
 from fastapi.testclient import TestClient
-from service_fixtures import (
-    TINY_MODEL_VERSION,
-    RedisProcess,
-    build_tiny_export,
-    build_tiny_index,
-    item_id,
-)
+from service_fixtures import TINY_MODEL_VERSION, build_tiny_export, build_tiny_index, item_id
 
 from service.app import create_app
 from service.settings import Settings
+from t2diff_cli.local_stack import RedisServer, redis_binary
 
 BUDGET_MS = 300
 SLACK_S = 1.5  # scheduling noise on a shared CI box; a hang would be seconds to forever
@@ -37,15 +31,12 @@ def version(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 @pytest.fixture
-def redis_proc() -> Iterator[RedisProcess]:
-    proc = RedisProcess(free_port())
-    if proc.binary is None:
+def redis_proc() -> Iterator[RedisServer]:
+    """A private redis-server (no persistence) that the test stops, restarts and pauses."""
+    if redis_binary() is None:
         pytest.skip("redis-server is not on PATH")
-    proc.start()
-    try:
-        yield proc
-    finally:
-        proc.stop()
+    with RedisServer() as server:
+        yield server
 
 
 def make_client(version: tuple[Path, Path], url: str, **overrides) -> TestClient:
@@ -93,7 +84,7 @@ def wait_full_answer(client: TestClient, within_s: float) -> float:
         time.sleep(0.05)
 
 
-def test_redis_down_then_back(version: tuple[Path, Path], redis_proc: RedisProcess) -> None:
+def test_redis_down_then_back(version: tuple[Path, Path], redis_proc: RedisServer) -> None:
     with make_client(version, redis_proc.url) as client:
         warm_user(client)
         assert not timed_recall(client)[0]["degraded"]
@@ -124,7 +115,7 @@ def test_redis_down_then_back(version: tuple[Path, Path], redis_proc: RedisProce
 
 
 def test_redis_paused_answers_within_budget(
-    version: tuple[Path, Path], redis_proc: RedisProcess
+    version: tuple[Path, Path], redis_proc: RedisServer
 ) -> None:
     # Production-like tight Redis timeouts; the budget bounds the stage anyway.
     with make_client(version, redis_proc.url, redis_timeout_ms=50) as client:
@@ -146,7 +137,7 @@ def test_redis_paused_answers_within_budget(
 
 
 def test_redis_flapping_never_fails_a_request(
-    version: tuple[Path, Path], redis_proc: RedisProcess
+    version: tuple[Path, Path], redis_proc: RedisServer
 ) -> None:
     with make_client(version, redis_proc.url) as client:
         warm_user(client)
@@ -174,7 +165,7 @@ def test_redis_flapping_never_fails_a_request(
 
 
 def test_slow_tower_is_abandoned_not_awaited(
-    version: tuple[Path, Path], redis_proc: RedisProcess
+    version: tuple[Path, Path], redis_proc: RedisServer
 ) -> None:
     with make_client(version, redis_proc.url) as client:
         warm_user(client)
@@ -198,7 +189,7 @@ def test_slow_tower_is_abandoned_not_awaited(
         assert wait_full_answer(client, within_s=5.0) < 5.0
 
 
-def test_failing_tower_falls_back(version: tuple[Path, Path], redis_proc: RedisProcess) -> None:
+def test_failing_tower_falls_back(version: tuple[Path, Path], redis_proc: RedisServer) -> None:
     with make_client(version, redis_proc.url) as client:
         warm_user(client)
         engine = client.app.state.service.engine
@@ -214,7 +205,7 @@ def test_failing_tower_falls_back(version: tuple[Path, Path], redis_proc: RedisP
 
 
 def test_overload_is_shed_with_retry_after(
-    version: tuple[Path, Path], redis_proc: RedisProcess
+    version: tuple[Path, Path], redis_proc: RedisServer
 ) -> None:
     with make_client(version, redis_proc.url, max_in_flight=2, budget_ms=2000) as client:
         warm_user(client)

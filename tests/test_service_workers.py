@@ -3,39 +3,31 @@ and Redis pool; concurrent requests spread over them all get the same, correct a
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
 import redis
-from conftest import free_port
 from service_fixtures import build_version, item_id
 
 from contracts.sessions import encode_event, session_key
+from t2diff_cli.local_stack import free_port, service_process, service_settings
 
 USERS = [f"user-{n}" for n in range(8)]
 
 
 @pytest.fixture
-def server(tmp_path: Path, redis_url: str):
+def server(tmp_path: Path, redis_url: str) -> Iterator[str]:
     artifacts, index = build_version(tmp_path, "workers-v1")
     client = redis.Redis.from_url(redis_url)
     for n, user in enumerate(USERS):
         key = session_key(user)
         client.delete(key)
         client.rpush(key, *[encode_event(item_id(1 + (n + k) % 20), 1e6 + k) for k in range(6)])
-    port = free_port()
     env = {
-        **os.environ,
-        "T2DIFF_ARTIFACTS_DIR": str(artifacts),
-        "T2DIFF_INDEX_DIR": str(index),
-        "T2DIFF_REDIS_URL": redis_url,
-        "T2DIFF_PORT": str(port),
+        **service_settings(artifacts, index, redis_url, free_port()),
         "T2DIFF_WORKERS": "2",
         "T2DIFF_BUDGET_MS": "5000",
         # Not a fault test: generous Redis timeouts, so a busy CI box does not degrade it.
@@ -46,29 +38,13 @@ def server(tmp_path: Path, redis_url: str):
         "T2DIFF_LOG_LEVEL": "warning",
         "PYTHONPATH": str(Path.cwd()),
     }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "service.server"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    ready_in_a_row = 0  # readiness answered by whichever worker; ask until both have been
     try:
-        while ready_in_a_row < 10:
-            assert process.poll() is None, process.stderr.read().decode()[-2000:]  # type: ignore[union-attr]
-            try:
-                ok = httpx.get(f"{base}/readyz", timeout=1).status_code == 200
-                ready_in_a_row = ready_in_a_row + 1 if ok else 0
-            except httpx.HTTPError:
-                ready_in_a_row = 0
-            assert time.monotonic() < deadline, "two workers did not become ready"
-            time.sleep(0.05 if ready_in_a_row else 0.2)
-        yield base
+        # Readiness is answered by whichever worker: ask until both have been.
+        with service_process(
+            env, 60, log_path=tmp_path / "service.log", ready_in_a_row=10, stop_timeout_s=30
+        ) as base:
+            yield base
     finally:
-        process.terminate()
-        process.wait(timeout=30)
         client.delete(*[session_key(user) for user in USERS])
 
 

@@ -12,9 +12,8 @@ import pytest
 
 pytest.importorskip("torch")
 
-from conftest import free_port  # noqa: E402
-
 from model.data import write_synthetic  # noqa: E402
+from t2diff_cli.local_stack import free_port  # noqa: E402
 
 
 def test_torchrun_two_gloo_processes_train_one_run(tmp_path: Path) -> None:
