@@ -23,6 +23,13 @@ USER_TOWER_FILE = "user_tower.onnx"
 ITEM_EMBEDDINGS_FILE = "item_embeddings.npy"
 ITEM_IDS_FILE = "item_ids.json"
 POPULARITY_FILE = "item_popularity.npy"
+# Optional split of a diffusion tower (``contracts.tower``): the reverse process alone, and
+# the attention half that takes its output.  The manifest names them under
+# ``TOWER_PARTS_FIELD`` (part name -> file; the files are checksummed like every other);
+# an export without the field is served through ``USER_TOWER_FILE`` alone.
+TOWER_DIFFUSION_FILE = "user_tower_diffusion.onnx"
+TOWER_ATTENTION_FILE = "user_tower_attention.onnx"
+TOWER_PARTS_FIELD = "tower_parts"
 # Names of the files in an index build (``t2diff build-index``).
 INDEX_FILE = "index.faiss"
 

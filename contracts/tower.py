@@ -13,6 +13,16 @@ A user-tower export (``t2diff export``) is one ONNX graph with these inputs:
 
 and one output ``user_embedding`` float32 ``[B, d]``, scored against the item embeddings by
 inner product.
+
+A diffusion tower (T2Diff) may also be exported as two graphs (manifest field
+``tower_parts``, file names in ``contracts.manifest``), whose composition is the graph above:
+
+* ``diffusion`` (``PART_DIFFUSION``): inputs ``item_seq`` and ``noise``, output ``xhat``
+  float32 ``[B, d]``, the reconstructed next item of the reverse process.  It reads no time
+  lag, so for one model version (one fixed noise) ``xhat`` is a function of the padded
+  ``item_seq`` row alone and may be cached under it.
+* ``attention`` (``PART_ATTENTION``): inputs ``item_seq``, ``time_lag`` and ``xhat``,
+  output ``user_embedding``: the session and time-lag attention, cheap, run per request.
 """
 
 from __future__ import annotations
@@ -25,6 +35,10 @@ INPUT_ITEM_SEQ = "item_seq"
 INPUT_TIME_LAG = "time_lag"
 INPUT_NOISE = "noise"
 OUTPUT_USER_EMBEDDING = "user_embedding"
+# The split tower: the diffusion part's output is the attention part's input.
+XHAT = "xhat"
+PART_DIFFUSION = "diffusion"
+PART_ATTENTION = "attention"
 PADDING_TOKEN = 0
 
 

@@ -5,6 +5,11 @@ following ``contracts.tower``.  A T2Diff tower is exported through ``model.fast_
 (the same function re-expressed for inference: channels-last U-Net on MatMuls, per-step
 constants folded); ``fast=False`` traces the training module as it is.  The directory gets ``manifest.json`` with checksums of every
 file, so the index builder and the service refuse a corrupted or half-copied export.
+
+A T2Diff with diffusion is also exported as two parts (``contracts.tower``): the reverse
+process (``item_seq``, ``noise`` -> ``xhat``) and the attention that takes ``xhat``.  The
+reverse process reads no time lag, so the service can cache ``xhat`` per session; the single
+graph stays for every other consumer.
 """
 
 from __future__ import annotations
@@ -21,9 +26,17 @@ import numpy as np
 import torch
 
 from contracts import manifest as mf
-from contracts.tower import INPUT_ITEM_SEQ, INPUT_NOISE, INPUT_TIME_LAG, OUTPUT_USER_EMBEDDING
+from contracts.tower import (
+    INPUT_ITEM_SEQ,
+    INPUT_NOISE,
+    INPUT_TIME_LAG,
+    OUTPUT_USER_EMBEDDING,
+    PART_ATTENTION,
+    PART_DIFFUSION,
+    XHAT,
+)
 from model.base import ExportedTower, SequentialRecommender
-from model.fast_tower import FastTower
+from model.fast_tower import FastAttentionPart, FastDiffusionPart, FastTower
 from model.t2diff import T2Diff
 from model.train import load_run
 
@@ -65,6 +78,52 @@ def export_onnx(
         )
 
 
+def can_split(model: SequentialRecommender) -> bool:
+    """Whether ``model``'s tower has a reverse process to export as its own part."""
+    return isinstance(model, T2Diff) and bool(model.config.use_diffusion)
+
+
+def export_split_onnx(model: T2Diff, out_dir: Path, max_seq_len: int) -> dict[str, str]:
+    """Write the ``diffusion`` and ``attention`` parts into ``out_dir``; {part: file name}."""
+    model = model.cpu().eval()
+    with torch.no_grad():
+        diffusion = FastDiffusionPart(model).eval()
+        attention = FastAttentionPart(model).eval()
+    item_seq = torch.ones(2, max_seq_len, dtype=torch.int64)
+    time_lag = torch.zeros(2, max_seq_len, dtype=torch.float32)
+    noise = torch.zeros(model.noise_shape, dtype=torch.float32)
+    xhat = torch.zeros(2, model.config.dim, dtype=torch.float32)
+    batch_axis = {0: "batch"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about Python ints are expected
+        torch.onnx.export(
+            diffusion,
+            (item_seq, noise),
+            str(out_dir / mf.TOWER_DIFFUSION_FILE),
+            input_names=[INPUT_ITEM_SEQ, INPUT_NOISE],
+            output_names=[XHAT],
+            dynamic_axes={INPUT_ITEM_SEQ: batch_axis, XHAT: batch_axis},
+            opset_version=OPSET,
+            dynamo=False,
+        )
+        torch.onnx.export(
+            attention,
+            (item_seq, time_lag, xhat),
+            str(out_dir / mf.TOWER_ATTENTION_FILE),
+            input_names=[INPUT_ITEM_SEQ, INPUT_TIME_LAG, XHAT],
+            output_names=[OUTPUT_USER_EMBEDDING],
+            dynamic_axes={
+                INPUT_ITEM_SEQ: batch_axis,
+                INPUT_TIME_LAG: batch_axis,
+                XHAT: batch_axis,
+                OUTPUT_USER_EMBEDDING: batch_axis,
+            },
+            opset_version=OPSET,
+            dynamo=False,
+        )
+    return {PART_DIFFUSION: mf.TOWER_DIFFUSION_FILE, PART_ATTENTION: mf.TOWER_ATTENTION_FILE}
+
+
 def export_run(
     run_dir: Path, out_dir: Path, version: str | None = None, noise_seed: int = 0
 ) -> dict[str, Any]:
@@ -79,6 +138,7 @@ def export_run(
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         export_onnx(model, staging / mf.USER_TOWER_FILE, max_len)
+        parts = export_split_onnx(model, staging, max_len) if can_split(model) else None
         with torch.no_grad():
             embeddings = model.item_embeddings()[1:].detach().cpu().float().numpy()
         np.save(staging / mf.ITEM_EMBEDDINGS_FILE, np.ascontiguousarray(embeddings))
@@ -98,6 +158,7 @@ def export_run(
             "noise_shape": list(model.noise_shape),
             "noise_seed": noise_seed,
             "opset": OPSET,
+            **({mf.TOWER_PARTS_FIELD: parts} if parts else {}),
             "scoring": "inner_product",
             "training_metrics": metrics.get(meta["model_name"], {}),
             "baseline_metrics": {"popularity": metrics.get("popularity", {})},

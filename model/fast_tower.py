@@ -290,3 +290,41 @@ class FastTower(nn.Module):
         x_next = self.steps(x, noise) if self.steps is not None else None
         user = self.model._tower(batch, x, x_next)
         return keep_contract_inputs(user, batch, noise)
+
+
+class FastDiffusionPart(nn.Module):
+    """``forward(item_seq, noise) -> xhat [B, d]``: the reverse process alone.
+
+    The ``diffusion`` graph of a split export (``contracts.tower``).  It reads no time lag,
+    so its output depends only on the padded ``item_seq`` row and the version's noise.
+    """
+
+    def __init__(self, model: T2Diff, mode: str = "auto") -> None:
+        super().__init__()
+        if not model.config.use_diffusion:
+            raise ValueError("a T2Diff without diffusion has no diffusion part")
+        self.model = model.eval()
+        self.steps = FastUNetSteps(model, mode)
+
+    def forward(self, item_seq: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return self.steps(self.model.item_emb(item_seq), noise)
+
+
+class FastAttentionPart(nn.Module):
+    """``forward(item_seq, time_lag, xhat) -> user_embedding``: the tower after the
+    reverse process (session attention with ``xhat``, DIN over the history with the lags).
+
+    ``FastAttentionPart(m)(s, lag, FastDiffusionPart(m)(s, noise)) == FastTower(m)(s, lag,
+    noise)``: the same modules in the same order, only cut in two.
+    """
+
+    def __init__(self, model: T2Diff) -> None:
+        super().__init__()
+        self.model = model.eval()
+
+    def forward(
+        self, item_seq: torch.Tensor, time_lag: torch.Tensor, xhat: torch.Tensor
+    ) -> torch.Tensor:
+        batch = Batch(item_seq, time_lag)
+        user = self.model._tower(batch, self.model.item_emb(item_seq), xhat)
+        return keep_contract_inputs(user, batch, None)

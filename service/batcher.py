@@ -153,6 +153,7 @@ class MicroBatcher:
         started = time.perf_counter()
         engine = batch[0].engine
         timings: dict[str, float] = {}
+        counts: dict[str, int] = {}
         try:
             results = await anyio.to_thread.run_sync(
                 engine.recall_batch,
@@ -160,6 +161,7 @@ class MicroBatcher:
                 [p.session for p in batch],
                 time.time(),
                 timings,
+                counts,
                 limiter=self._limiter,
             )
         except Exception as exc:
@@ -174,6 +176,9 @@ class MicroBatcher:
                 self.metrics.batch_size.observe(len(batch))
                 for stage, seconds in timings.items():
                     self.metrics.stage_latency.labels(stage).observe(seconds)
+                for result_kind, label in (("xhat_hit", "hit"), ("xhat_miss", "miss")):
+                    if counts.get(result_kind):
+                        self.metrics.xhat_cache.labels(label).inc(counts[result_kind])
             for pending, result in zip(batch, results, strict=True):
                 if not pending.future.done():
                     pending.future.set_result(

@@ -77,6 +77,7 @@ class RecallEngine:
         sessions: Sequence[Session],
         now: float,
         timings: dict[str, float] | None = None,
+        counts: dict[str, int] | None = None,
     ) -> list[RecallResult]:
         """One result per request, in order; ``sessions[i]`` belongs to ``requests[i]``.
 
@@ -84,7 +85,10 @@ class RecallEngine:
         FAISS call; the others get the most popular items, flagged ``cold_start``.  When
         ``timings`` is given, the seconds spent in the stages ``tower`` (ONNX Runtime),
         ``ann`` (FAISS, seen items excluded there) and ``filter`` (rows to ids and results)
-        are stored in it, for the whole batch.
+        are stored in it, for the whole batch; with a split tower also its parts,
+        ``diffusion`` (only when some row missed the xhat cache) and ``attention``.
+        ``counts`` gets the rows that hit and missed the xhat cache (``xhat_hit``,
+        ``xhat_miss``), when the tower is split.
         """
         if len(requests) != len(sessions):
             raise ValueError("requests and sessions differ in length")
@@ -104,7 +108,9 @@ class RecallEngine:
                 results[i] = self.cold_start(request)
         if warm:
             for i, result in zip(
-                warm, self._search(requests, warm, tokens, stamps, now, timings), strict=True
+                warm,
+                self._search(requests, warm, tokens, stamps, now, timings, counts),
+                strict=True,
             ):
                 results[i] = result
         return [r for r in results if r is not None]
@@ -117,9 +123,10 @@ class RecallEngine:
         stamps: list[list[float]],
         now: float,
         timings: dict[str, float] | None = None,
+        counts: dict[str, int] | None = None,
     ) -> list[RecallResult]:
         started = time.perf_counter()
-        queries = self.tower.embed_tokens(tokens, stamps, now)
+        queries = self.tower.embed_tokens(tokens, stamps, now, timings, counts)
         embedded = time.perf_counter()
         k_max = max(requests[i].k for i in warm)
         if any(requests[i].exclude_seen for i in warm):
@@ -173,6 +180,9 @@ class RecallEngine:
         if self._item_ids:
             first = Session([self._item_ids[0]], [0.0])
             self.recall_batch([RecallRequest("warm-up", 1, True)], [first], 1.0)
+            # Serving starts with an empty xhat cache (its hit rate is then what traffic
+            # gives, not what the warm-up put there).
+            self.tower.clear_xhat_cache()
 
     def cold_start(self, request: RecallRequest) -> RecallResult:
         # Score = the item's share of interactions, so cold-start scores are comparable

@@ -65,7 +65,8 @@ class Metrics:
         )
         self.stage_latency = Histogram(
             "t2diff_stage_latency_seconds",
-            "Recall stage latency: redis, queue (waiting for a batch), tower, ann, filter",
+            "Recall stage latency: redis, queue (waiting for a batch), tower (diffusion + "
+            "attention when split), ann, filter",
             ["stage"],
             buckets=LATENCY_BUCKETS,
             registry=r,
@@ -83,6 +84,13 @@ class Metrics:
             "t2diff_batch_size",
             "Requests per engine call (micro-batch size)",
             buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.xhat_cache = Counter(
+            "t2diff_xhat_cache_total",
+            "Rows of the split tower's diffusion output (xhat) found in the cache (hit) or "
+            "computed (miss)",
+            ["result"],
             registry=r,
         )
         self.redis_errors = Counter(

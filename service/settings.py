@@ -47,6 +47,12 @@ class Settings(BaseSettings):
     # each library already parallelises over, and raise tail latency.
     inference_concurrency: int = Field(default=4, gt=0)
 
+    # Entries of the per-version LRU of the diffusion output (xhat) by padded session, used
+    # when the export has the split tower (manifest tower_parts); 0 = no cache (every
+    # request runs the reverse process).  An entry of d = 64 takes ~0.5 KB (key, array,
+    # LRU links): 100,000 entries are ~50 MB per loaded version.
+    xhat_cache_size: int = Field(default=100_000, ge=0)
+
     # Latency budget.  A recall answers within min(budget, the caller's deadline header):
     # a stage that would overrun it is abandoned and the answer falls back to popular items
     # (marked ``degraded``).  ``max_budget_ms`` bounds what a request may ask for.

@@ -161,7 +161,9 @@ class ServiceState:
         errors: dict[str, str] = {}
         tower = index = None
         try:
-            tower = UserTowerRunner(Path(artifacts), settings.ort_intra_threads)
+            tower = UserTowerRunner(
+                Path(artifacts), settings.ort_intra_threads, settings.xhat_cache_size
+            )
         except Exception as exc:  # any failure (checksums, ORT, numpy) is a reason
             errors["tower"] = reason_of(exc)
             _log_load_failure(exc, "user tower not loaded from %s", artifacts)

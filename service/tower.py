@@ -3,12 +3,24 @@
 
 Loading verifies the export (manifest checksums, graph inputs/outputs, item table shapes)
 so that a broken or mismatched version is refused at startup, never discovered by a request.
+
+When the export also has the split tower (manifest ``tower_parts``: ``diffusion`` and
+``attention``, see ``contracts.tower``), requests go through the two parts, and the
+diffusion part's output ``xhat`` is kept in a bounded LRU (:class:`XhatCache`) keyed by the
+padded ``item_seq`` row: the reverse process (most of the tower's cost) reads no time lag,
+so a user whose session has not changed since the last request reuses it exactly; a new
+behaviour changes the row and so the key.  The cache belongs to one loaded version (one
+runner), so a hot swap never serves another version's ``xhat``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import threading
+import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +32,7 @@ from contracts.manifest import (
     ITEM_EMBEDDINGS_FILE,
     ITEM_IDS_FILE,
     POPULARITY_FILE,
+    TOWER_PARTS_FIELD,
     USER_TOWER_FILE,
     ArtifactError,
     read_manifest,
@@ -30,6 +43,9 @@ from contracts.tower import (
     INPUT_NOISE,
     INPUT_TIME_LAG,
     OUTPUT_USER_EMBEDDING,
+    PART_ATTENTION,
+    PART_DIFFUSION,
+    XHAT,
     make_noise,
     pad_batch,
 )
@@ -55,14 +71,64 @@ def _required(manifest: dict[str, Any], name: str, kind: type | tuple[type, ...]
     return value
 
 
+class XhatCache:
+    """A bounded, thread-safe LRU of ``xhat`` rows (float32 ``[d]``) by key.
+
+    Engine calls run in several worker threads at once, hence the lock; it is held only for
+    dictionary operations (microseconds), never while a graph runs.
+    """
+
+    def __init__(self, max_entries: int) -> None:
+        if max_entries < 1:
+            raise ValueError("an xhat cache holds at least one entry")
+        self.max_entries = max_entries
+        self._rows: OrderedDict[bytes, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def get_many(self, keys: Sequence[bytes]) -> list[np.ndarray | None]:
+        with self._lock:
+            found: list[np.ndarray | None] = []
+            for key in keys:
+                row = self._rows.get(key)
+                if row is not None:
+                    self._rows.move_to_end(key)
+                found.append(row)
+            return found
+
+    def put_many(self, keys: Sequence[bytes], rows: np.ndarray) -> None:
+        with self._lock:
+            for key, row in zip(keys, rows, strict=True):
+                # A copy: the row must not keep the whole batch's output array alive.
+                self._rows[key] = np.array(row, dtype=np.float32, copy=True)
+                self._rows.move_to_end(key)
+            while len(self._rows) > self.max_entries:
+                self._rows.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._rows.clear()
+
+
 class UserTowerRunner:
     """One loaded model export: the ONNX session plus the item vocabulary and popularity.
 
-    Thread-safe: ``InferenceSession.run`` may be called from several threads at once, and
-    nothing else here is mutated after construction.
+    Thread-safe: ``InferenceSession.run`` may be called from several threads at once, the
+    xhat cache has its own lock, and nothing else here is mutated after construction.
+
+    ``xhat_cache_size``: entries of the xhat cache (0 = no cache); used only when the
+    export has the split tower, which is then always used (with or without the cache), so
+    turning the cache on or off runs the same graphs.
     """
 
-    def __init__(self, artifacts_dir: Path, intra_op_threads: int | None = None) -> None:
+    def __init__(
+        self,
+        artifacts_dir: Path,
+        intra_op_threads: int | None = None,
+        xhat_cache_size: int = 0,
+    ) -> None:
         self.artifacts_dir = Path(artifacts_dir)
         if not self.artifacts_dir.is_dir():
             raise ArtifactError(f"{self.artifacts_dir}: artifacts directory does not exist")
@@ -106,6 +172,15 @@ class UserTowerRunner:
         # manifest's seed so every request (and every replica) gets the same embedding.
         self.noise: np.ndarray = make_noise(noise_shape, noise_seed)
         self.session = self._open_session(intra_op_threads)
+        self.diffusion_session: ort.InferenceSession | None = None
+        self.attention_session: ort.InferenceSession | None = None
+        if manifest.get(TOWER_PARTS_FIELD) is not None:
+            self.diffusion_session, self.attention_session = self._open_parts(intra_op_threads)
+        self.xhat_cache: XhatCache | None = (
+            XhatCache(xhat_cache_size)
+            if self.diffusion_session is not None and xhat_cache_size > 0
+            else None
+        )
         log.info(
             "user tower %s %s loaded: %d items, d=%d, L=%d, providers=%s",
             self.model_name,
@@ -166,7 +241,8 @@ class UserTowerRunner:
             raise ArtifactError(f"{POPULARITY_FILE} holds negative or non-finite counts")
         return popularity
 
-    def _open_session(self, intra_op_threads: int | None) -> ort.InferenceSession:
+    @staticmethod
+    def _session_options(intra_op_threads: int | None) -> ort.SessionOptions:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # Measured on the 2-core box (docs/results/inference.md): one intra-op thread per
@@ -176,12 +252,20 @@ class UserTowerRunner:
         options.intra_op_num_threads = intra_op_threads if intra_op_threads is not None else 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.enable_mem_reuse = False
+        return options
+
+    def _load_graph(self, file_name: str, intra_op_threads: int | None) -> ort.InferenceSession:
         try:
-            session = ort.InferenceSession(
-                str(self.artifacts_dir / USER_TOWER_FILE), options, providers=_providers()
+            return ort.InferenceSession(
+                str(self.artifacts_dir / file_name),
+                self._session_options(intra_op_threads),
+                providers=_providers(),
             )
         except Exception as exc:  # ORT raises its own pybind exception types
-            raise ArtifactError(f"{USER_TOWER_FILE}: ONNX Runtime cannot load it ({exc})") from exc
+            raise ArtifactError(f"{file_name}: ONNX Runtime cannot load it ({exc})") from exc
+
+    def _open_session(self, intra_op_threads: int | None) -> ort.InferenceSession:
+        session = self._load_graph(USER_TOWER_FILE, intra_op_threads)
         inputs = {i.name: i for i in session.get_inputs()}
         outputs = {o.name: o for o in session.get_outputs()}
         expected = {
@@ -212,6 +296,66 @@ class UserTowerRunner:
                 f"{USER_TOWER_FILE}: output shape {out_dims}, expected [B, {self.embedding_dim}]"
             )
         return session
+
+    def _open_parts(
+        self, intra_op_threads: int | None
+    ) -> tuple[ort.InferenceSession, ort.InferenceSession]:
+        """The split tower's ``diffusion`` and ``attention`` graphs, checked against the
+        contract (``contracts.tower``)."""
+        parts = self.manifest[TOWER_PARTS_FIELD]
+        if not isinstance(parts, dict) or set(parts) != {PART_DIFFUSION, PART_ATTENTION}:
+            raise ArtifactError(
+                f"manifest {TOWER_PARTS_FIELD} must name {PART_DIFFUSION!r} and "
+                f"{PART_ATTENTION!r}: {parts!r}"
+            )
+        for part, file_name in parts.items():
+            if not isinstance(file_name, str) or file_name not in self.manifest["files"]:
+                raise ArtifactError(f"tower part {part}: {file_name!r} is not a listed file")
+        expected = {
+            PART_DIFFUSION: (
+                {INPUT_ITEM_SEQ: "tensor(int64)", INPUT_NOISE: "tensor(float)"},
+                XHAT,
+            ),
+            PART_ATTENTION: (
+                {
+                    INPUT_ITEM_SEQ: "tensor(int64)",
+                    INPUT_TIME_LAG: "tensor(float)",
+                    XHAT: "tensor(float)",
+                },
+                OUTPUT_USER_EMBEDDING,
+            ),
+        }
+        sessions: dict[str, ort.InferenceSession] = {}
+        for part, (wanted_inputs, wanted_output) in expected.items():
+            file_name = parts[part]
+            session = self._load_graph(file_name, intra_op_threads)
+            inputs = {i.name: i.type for i in session.get_inputs()}
+            if inputs != wanted_inputs:
+                raise ArtifactError(
+                    f"{file_name}: inputs {inputs}, the {part} part needs {wanted_inputs}"
+                )
+            outputs = {o.name: o.shape for o in session.get_outputs()}
+            dims = outputs.get(wanted_output)
+            if (
+                dims is None
+                or len(dims) != 2
+                or (isinstance(dims[1], int) and dims[1] != self.embedding_dim)
+            ):
+                raise ArtifactError(
+                    f"{file_name}: needs output {wanted_output} [B, {self.embedding_dim}], "
+                    f"has {outputs}"
+                )
+            sessions[part] = session
+        return sessions[PART_DIFFUSION], sessions[PART_ATTENTION]
+
+    @property
+    def split(self) -> bool:
+        """Whether requests go through the two tower parts (the export has them)."""
+        return self.diffusion_session is not None
+
+    def clear_xhat_cache(self) -> None:
+        if self.xhat_cache is not None:
+            self.xhat_cache.clear()
 
     # ------------------------------------------------------------------ inference
 
@@ -244,10 +388,86 @@ class UserTowerRunner:
         token_lists: Sequence[Sequence[int]],
         timestamp_lists: Sequence[Sequence[float]],
         now: float,
+        timings: dict[str, float] | None = None,
+        counts: dict[str, int] | None = None,
     ) -> np.ndarray:
+        """User embeddings ``[B, d]`` of token sequences (oldest first) at time ``now``.
+
+        With the split tower, ``timings`` gets the seconds of the ``diffusion`` part (when
+        it ran) and of the ``attention`` part, and ``counts`` the ``xhat_hit`` and
+        ``xhat_miss`` rows of the xhat cache (all rows miss without a cache).
+        """
         item_seq, time_lag = pad_batch(token_lists, timestamp_lists, now, self.max_seq_len)
-        (embedding,) = self.session.run(
+        if self.attention_session is None:
+            (embedding,) = self.session.run(
+                [OUTPUT_USER_EMBEDDING],
+                {INPUT_ITEM_SEQ: item_seq, INPUT_TIME_LAG: time_lag, INPUT_NOISE: self.noise},
+            )
+            return np.ascontiguousarray(embedding, dtype=np.float32)
+        xhat = self._xhat(item_seq, timings, counts)
+        started = time.perf_counter()
+        (embedding,) = self.attention_session.run(
             [OUTPUT_USER_EMBEDDING],
-            {INPUT_ITEM_SEQ: item_seq, INPUT_TIME_LAG: time_lag, INPUT_NOISE: self.noise},
+            {INPUT_ITEM_SEQ: item_seq, INPUT_TIME_LAG: time_lag, XHAT: xhat},
         )
+        if timings is not None:
+            timings["attention"] = time.perf_counter() - started
         return np.ascontiguousarray(embedding, dtype=np.float32)
+
+    def xhat_key(self, item_seq_row: np.ndarray) -> bytes:
+        """Cache key of one padded ``item_seq`` row, exactly as fed to the graph.
+
+        The version is part of the key although each loaded version has its own cache, so
+        that no code path can ever read another version's entry.  BLAKE2b-128 of the row's
+        bytes: a collision needs ~2^64 distinct sessions.
+        """
+        digest = hashlib.blake2b(item_seq_row.tobytes(), digest_size=16)
+        digest.update(self.model_version.encode())
+        return digest.digest()
+
+    def _xhat(
+        self,
+        item_seq: np.ndarray,
+        timings: dict[str, float] | None,
+        counts: dict[str, int] | None,
+    ) -> np.ndarray:
+        """``xhat [B, d]``: cached rows as they are, the others through the diffusion part."""
+        assert self.diffusion_session is not None
+        cache = self.xhat_cache
+        batch = item_seq.shape[0]
+        if cache is None:
+            keys: list[bytes] = []
+            cached: list[np.ndarray | None] = [None] * batch
+        else:
+            keys = [self.xhat_key(row) for row in item_seq]
+            cached = cache.get_many(keys)
+        missed = [i for i, row in enumerate(cached) if row is None]
+        if counts is not None:
+            counts["xhat_hit"] = counts.get("xhat_hit", 0) + batch - len(missed)
+            counts["xhat_miss"] = counts.get("xhat_miss", 0) + len(missed)
+        if len(missed) == batch:  # all rows new: no gather, no scatter
+            return self._run_diffusion(item_seq, keys, timings)
+        xhat = np.empty((batch, self.embedding_dim), dtype=np.float32)
+        for i, row in enumerate(cached):
+            if row is not None:
+                xhat[i] = row
+        if missed:
+            xhat[missed] = self._run_diffusion(
+                np.ascontiguousarray(item_seq[missed]), [keys[i] for i in missed], timings
+            )
+        return xhat
+
+    def _run_diffusion(
+        self, item_seq: np.ndarray, keys: list[bytes], timings: dict[str, float] | None
+    ) -> np.ndarray:
+        assert self.diffusion_session is not None
+        started = time.perf_counter()
+        (xhat,) = self.diffusion_session.run(
+            [XHAT], {INPUT_ITEM_SEQ: item_seq, INPUT_NOISE: self.noise}
+        )
+        if timings is not None:
+            timings["diffusion"] = time.perf_counter() - started
+        xhat = np.ascontiguousarray(xhat, dtype=np.float32)
+        if self.xhat_cache is not None:
+            self.xhat_cache.put_many(keys, xhat)
+        return xhat
