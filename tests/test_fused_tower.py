@@ -1,0 +1,84 @@
+"""``model.fused_tower``: the one-kernel reverse process gives eager's answer.
+
+Runs the Triton kernel through Triton's interpreter on the CPU (``TRITON_INTERPRET=1``; on
+a machine with CUDA it runs on the GPU).  Skipped, saying why, where triton is absent (the
+project's CPU venv has no triton: ``pip install triton`` in a separate venv to run it).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # Must be set before the kernel is decorated (at the import of model.fused_tower).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton", reason="triton is not installed (CPU venv); see module doc")
+
+from model.base import Batch  # noqa: E402
+from model.fast_tower import FastUNetSteps  # noqa: E402
+from model.fused_tower import FusedTower, FusedUNetSteps  # noqa: E402
+from model.t2diff import T2Diff, T2DiffConfig  # noqa: E402
+
+TOL = 1e-4
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# The kernel's shapes: 3 levels, channel counts powers of two >= 16; odd lengths (13 -> 7
+# -> 4) exercise ceil-mode pooling and the cropped upsampling.
+TINY = {"dim": 16, "unet_width": 16, "max_seq_len": 13, "session_len": 4, "diffusion_steps": 3}
+
+
+def _model(seed: int = 0, **overrides: object) -> T2Diff:
+    torch.manual_seed(seed)
+    model = T2Diff(40, T2DiffConfig(**{**TINY, **overrides})).eval()  # type: ignore[arg-type]
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.1)
+    return model
+
+
+def _inputs(model: T2Diff, batch: int, seed: int = 1) -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator().manual_seed(seed)
+    length = model.config.max_seq_len
+    item_seq = torch.randint(1, model.n_items + 1, (batch, length), generator=gen)
+    item_seq[0, : length // 2] = 0  # a short, left-padded history
+    time_lag = torch.rand(batch, length, generator=gen) * 1e6
+    noise = torch.randn(model.noise_shape, generator=gen)
+    return item_seq, time_lag, noise
+
+
+@pytest.mark.parametrize("samples_per_program", [1, 2])
+@pytest.mark.parametrize("overrides", [{}, {"drift": False, "sigma_mode": "variance"}])
+def test_fused_steps_match_fast_steps(samples_per_program: int, overrides: dict) -> None:
+    model = _model(**overrides)
+    fast = FastUNetSteps(model)
+    fused = FusedUNetSteps(model, samples_per_program=samples_per_program).to(DEVICE)
+    for batch in (1, 3):  # 3 with two samples per program: a half-empty last program
+        item_seq, _, noise = _inputs(model, batch)
+        with torch.no_grad():
+            x = model.item_emb(item_seq)
+            expected = fast(x, noise)
+            got = fused(x.to(DEVICE), noise.to(DEVICE)).cpu()
+        assert got.shape == expected.shape
+        assert torch.isfinite(got).all()
+        assert (got - expected).abs().max().item() < TOL
+
+
+def test_fused_tower_matches_user_embedding() -> None:
+    model = _model(seed=3)
+    tower = FusedTower(model).to(DEVICE)
+    item_seq, time_lag, noise = _inputs(model, 2, seed=4)
+    with torch.no_grad():
+        expected = model.user_embedding(Batch(item_seq, time_lag), noise)
+        got = tower(item_seq.to(DEVICE), time_lag.to(DEVICE), noise.to(DEVICE)).cpu()
+    assert (got - expected).abs().max().item() < TOL
+
+
+def test_fused_refuses_shapes_it_was_not_written_for() -> None:
+    with pytest.raises(ValueError, match="3-level"):
+        FusedUNetSteps(_model(unet_levels=2))
+    with pytest.raises(ValueError, match="powers of two"):
+        FusedUNetSteps(_model(unet_width=24))
+    with pytest.raises(ValueError, match="precision"):
+        FusedUNetSteps(_model(), precision="fp8")
