@@ -57,15 +57,24 @@ def redis_command(port: int, *args: str, timeout_s: float = 0.5) -> bytes:
         return sock.recv(256)
 
 
-def stop_process(process: subprocess.Popen[bytes], timeout_s: float = STOP_TIMEOUT_S) -> None:
-    """SIGTERM, then SIGKILL when it has not exited within ``timeout_s``; always reaped."""
+def stop_process(
+    process: subprocess.Popen[bytes], timeout_s: float = STOP_TIMEOUT_S, kill_group: bool = False
+) -> None:
+    """SIGTERM, then SIGKILL when it has not exited within ``timeout_s``; always reaped.
+
+    ``kill_group``: the SIGKILL goes to the process group that ``process`` leads (started
+    with ``start_new_session``), so that its children (uvicorn workers) go too.
+    """
     if process.poll() is not None:
         return
     process.terminate()
     try:
         process.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        process.kill()
+        if kill_group:
+            os.killpg(process.pid, signal.SIGKILL)
+        else:
+            process.kill()
         process.wait()
 
 

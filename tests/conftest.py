@@ -31,6 +31,21 @@ def redis_server() -> Iterator[str]:
         server.close()
 
 
+@pytest.fixture(scope="module")
+def one_omp_thread() -> Iterator[None]:
+    """One OpenMP thread for a module's FAISS work (``pytestmark = usefixtures(...)``): on a
+    busy 2-core runner FAISS's spinning threads can be 100x slower."""
+    import faiss  # imported here so that conftest loads without the serving extra
+
+    from index_builder import configure_threads
+
+    previous = faiss.omp_get_max_threads()
+    configure_threads(1)
+    yield
+    configure_threads(None)
+    faiss.omp_set_num_threads(previous)
+
+
 @pytest.fixture
 def redis_url(redis_server: str) -> str:
     """The session's Redis, emptied (FLUSHALL) before each test."""

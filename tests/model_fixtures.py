@@ -26,6 +26,26 @@ def tiny_batch() -> Batch:
     return Batch(item_seq=item_seq, time_lag=time_lag.float(), target=target)
 
 
+def eval_loss(model: SequentialRecommender, batch: Batch) -> tuple[float, dict[str, float]]:
+    """The loss and its parts without dropout and with a fixed draw of any training randomness."""
+    model.eval()
+    torch.manual_seed(123)
+    with torch.no_grad():
+        loss, parts = model.loss(batch)
+    return float(loss), {k: float(v) for k, v in parts.items()}
+
+
+def train_steps(model: SequentialRecommender, batch: Batch, steps: int, lr: float = 1e-2) -> None:
+    """``steps`` Adam steps on the same batch (in training mode)."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(steps):
+        loss, _ = model.loss(batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
 def noise_for(model: SequentialRecommender, seed: int = 0) -> torch.Tensor:
     return torch.randn(model.noise_shape, generator=torch.Generator().manual_seed(seed))
 

@@ -12,9 +12,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from model_fixtures import BATCH, N_ITEMS, SEQ_LEN, assert_onnx_matches, noise_for, tiny_batch
+from model_fixtures import (
+    BATCH,
+    N_ITEMS,
+    SEQ_LEN,
+    assert_onnx_matches,
+    eval_loss,
+    noise_for,
+    tiny_batch,
+    train_steps,
+)
 
-from model.base import Batch, SequentialRecommender
+from model.base import SequentialRecommender
 from model.registry import MODELS, build_model, make_config, model_names
 
 BASELINES = ["sasrec", "gru4rec", "two_tower"]
@@ -48,14 +57,6 @@ def build(name: str, seed: int = 0, **extra: object) -> SequentialRecommender:
     torch.manual_seed(seed)
     popularity = np.arange(N_ITEMS + 1, dtype=np.float64)
     return build_model(name, N_ITEMS, tiny_config(name, **extra), popularity)
-
-
-def eval_loss(model: SequentialRecommender, batch: Batch) -> float:
-    """The loss without dropout and with a fixed draw of any training randomness."""
-    model.eval()
-    torch.manual_seed(123)
-    with torch.no_grad():
-        return float(model.loss(batch)[0])
 
 
 def test_registry_lists_every_model() -> None:
@@ -109,16 +110,10 @@ def test_shapes(name: str) -> None:
 def test_loss_decreases(name: str) -> None:
     model = build(name)
     batch = tiny_batch()
-    before = eval_loss(model, batch)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    before, _ = eval_loss(model, batch)
     torch.manual_seed(7)
-    model.train()
-    for _ in range(STEPS):
-        loss, _ = model.loss(batch)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    after = eval_loss(model, batch)
+    train_steps(model, batch, STEPS)
+    after, _ = eval_loss(model, batch)
     assert after < 0.8 * before, (before, after)
     # Row 0 (padding) stays an all-zero, never-recommended vector.
     if name != "popularity":
@@ -129,7 +124,7 @@ def test_loss_decreases(name: str) -> None:
 def test_deterministic(name: str) -> None:
     first, second = build(name, seed=3), build(name, seed=3)
     batch = tiny_batch()
-    assert eval_loss(first, batch) == eval_loss(second, batch)
+    assert eval_loss(first, batch)[0] == eval_loss(second, batch)[0]
     with torch.no_grad():
         a = first.user_embedding(batch, noise_for(first))
         b = second.user_embedding(batch, noise_for(second))

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import http.server
-import importlib.util
 import json
 import os
 import re
@@ -26,11 +25,11 @@ import tomllib
 from collections.abc import Iterator
 from datetime import UTC, datetime, time, timedelta, timezone
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import jsonschema
 import pytest
+from script_modules import load_script
 
 try:  # PyYAML where installed; else ruamel.yaml, which check-jsonschema (dev extra) brings
     import yaml
@@ -58,15 +57,6 @@ SCRIPTS = DEPLOY / "scripts"
 COMPOSE = ROOT / "docker-compose.yml"
 GPU_OVERRIDE = DEPLOY / "docker-compose.gpu.yml"
 DOCKERFILE = ROOT / "Dockerfile"
-
-
-def _load(name: str, path: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -312,7 +302,7 @@ def test_build_context_matches_the_python_packages() -> None:
 
 
 def test_pyproject_deps_lists_extras_without_torch_for_serving() -> None:
-    deps = _load("pyproject_deps", SCRIPTS / "pyproject_deps.py")
+    deps = load_script("pyproject_deps", SCRIPTS / "pyproject_deps.py")
     pyproject = ROOT / "pyproject.toml"
 
     def names(requirements: list[str]) -> set[str]:
@@ -358,7 +348,7 @@ def test_bootstrap_script_follows_the_cli_contract() -> None:
 
 
 def test_nightly_scheduler_next_run() -> None:
-    nightly = _load("nightly", SCRIPTS / "nightly.py")
+    nightly = load_script("nightly", SCRIPTS / "nightly.py")
     at = nightly.parse_at("02:00")
     before = datetime(2026, 3, 1, 1, 59, tzinfo=UTC)
     assert nightly.next_run(before, at, UTC) == datetime(2026, 3, 1, 2, 0, tzinfo=UTC)
@@ -449,7 +439,7 @@ def test_healthcheck_script(http_server: int) -> None:
 
 
 def test_check_image_script() -> None:
-    check = _load("check_image", SCRIPTS / "check_image.py")
+    check = load_script("check_image", SCRIPTS / "check_image.py")
     assert check.problems(["pytest"], ["no-such-dist-xyz"], ["json"]) == []
     found = check.problems(["no-such-dist-xyz"], ["pytest"], ["no_such_module_xyz"])
     assert len(found) == 3

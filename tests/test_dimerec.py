@@ -13,9 +13,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from model_fixtures import BATCH, N_ITEMS, SEQ_LEN, assert_onnx_matches, noise_for, tiny_batch
+from model_fixtures import (
+    BATCH,
+    N_ITEMS,
+    SEQ_LEN,
+    assert_onnx_matches,
+    eval_loss,
+    noise_for,
+    tiny_batch,
+    train_steps,
+)
 
-from model.base import Batch
 from model.dimerec import DimeRec, geodesic_random_walk, l2_normalize
 from model.registry import DIMEREC_VARIANTS, build_model, make_config
 
@@ -37,24 +45,6 @@ def build(name: str = "dimerec", seed: int = 0, **extra: object) -> DimeRec:
     model = build_model(name, N_ITEMS, make_config(name, {**TINY, **extra}))
     assert isinstance(model, DimeRec)
     return model
-
-
-def eval_loss(model: DimeRec, batch: Batch) -> tuple[float, dict[str, float]]:
-    model.eval()
-    torch.manual_seed(123)
-    with torch.no_grad():
-        loss, parts = model.loss(batch)
-    return float(loss), {k: float(v) for k, v in parts.items()}
-
-
-def train_steps(model: DimeRec, batch: Batch, steps: int, lr: float = 1e-2) -> None:
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    model.train()
-    for _ in range(steps):
-        loss, _ = model.loss(batch)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
 
 
 # --------------------------------------------------------------------------- config

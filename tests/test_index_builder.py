@@ -31,7 +31,6 @@ from index_builder import (
     LoadedIndex,
     build_from_artifacts,
     build_index,
-    configure_threads,
     default_factory,
     default_k_factor,
     default_nprobe,
@@ -42,18 +41,10 @@ from index_builder import (
     set_search_params,
 )
 
+pytestmark = pytest.mark.usefixtures("one_omp_thread")
+
 N_ITEMS, DIM = 3000, 32
 FACTORY_RE = re.compile(r"^IVF(\d+),PQ(\d+)x4fs,Refine\((Flat|SQ8)\)$")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_omp_thread():
-    """One OpenMP thread: on a busy 2-core runner FAISS's spinning threads can be 100x slower."""
-    previous = faiss.omp_get_max_threads()
-    configure_threads(1)
-    yield
-    configure_threads(None)
-    faiss.omp_set_num_threads(previous)
 
 
 def clustered_embeddings(n: int, dim: int, seed: int = 0, n_clusters: int = 30) -> np.ndarray:

@@ -18,25 +18,16 @@ import sys
 import textwrap
 from collections import Counter
 from pathlib import Path
-from types import ModuleType
 
 import pytest
+from script_modules import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 LOADTEST = ROOT / "loadtest"
 
 
-def _load(name: str, path: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses resolve their module through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
-traffic = _load("traffic_model", LOADTEST / "traffic_model.py")
-run_load = _load("t2diff_run_load", LOADTEST / "run_load.py")
+traffic = load_script("traffic_model", LOADTEST / "traffic_model.py")
+run_load = load_script("t2diff_run_load", LOADTEST / "run_load.py")
 
 STATS_HEADER = (
     "Type,Name,Request Count,Failure Count,Median Response Time,Average Response Time,"

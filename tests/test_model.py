@@ -148,22 +148,30 @@ def test_metrics_from_ranks() -> None:
     assert metrics["ndcg@10"] == pytest.approx((1 + 1 / math.log2(3) + 1 / math.log2(7)) / 4)
 
 
+def run_exported(
+    model: T2Diff, path: Path, tokens: list[list[int]], stamps: list[list[float]], now: float
+) -> tuple[np.ndarray, Batch, torch.Tensor]:
+    """Export ``model`` to ``path`` and run the ONNX tower on the padded rows (noise seed 7);
+    returns its output and the same inputs as eager tensors, to compare with PyTorch."""
+    max_seq_len = model.config.max_seq_len
+    export_onnx(model, path, max_seq_len)
+    item_seq, time_lag = pad_batch(tokens, stamps, now=now, max_seq_len=max_seq_len)
+    noise = make_noise(model.noise_shape, seed=7)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    onnx_out = session.run(None, {"item_seq": item_seq, "time_lag": time_lag, "noise": noise})[0]
+    batch = Batch(torch.from_numpy(item_seq), torch.from_numpy(time_lag))
+    return onnx_out, batch, torch.from_numpy(noise)
+
+
 def test_onnx_tower_matches_pytorch(tmp_path: Path) -> None:
     torch.manual_seed(0)
     config = T2DiffConfig(dim=16, unet_width=8, max_seq_len=12, session_len=4)
     model = T2Diff(40, config).eval()
-    path = tmp_path / "tower.onnx"
-    export_onnx(model, path, config.max_seq_len)
     tokens = [[1, 2, 3], list(range(1, 20)), [7]]
     stamps = [[float(i) for i in range(len(row))] for row in tokens]
-    item_seq, time_lag = pad_batch(tokens, stamps, now=100.0, max_seq_len=config.max_seq_len)
-    noise = make_noise(model.noise_shape, seed=7)
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    onnx_out = session.run(None, {"item_seq": item_seq, "time_lag": time_lag, "noise": noise})[0]
+    onnx_out, batch, noise = run_exported(model, tmp_path / "tower.onnx", tokens, stamps, 100.0)
     with torch.no_grad():
-        torch_out = model.user_embedding(
-            Batch(torch.from_numpy(item_seq), torch.from_numpy(time_lag)), torch.from_numpy(noise)
-        ).numpy()
+        torch_out = model.user_embedding(batch, noise).numpy()
     assert onnx_out.shape == (3, 16)
     assert np.abs(onnx_out - torch_out).max() < 1e-4
 
@@ -184,21 +192,15 @@ def test_onnx_tower_matches_pytorch_with_time_gap_sessions(tmp_path: Path) -> No
         diffusion_steps=5,
     )  # fmt: skip
     model = T2Diff(40, config).eval()
-    path = tmp_path / "tower.onnx"
-    export_onnx(model, path, config.max_seq_len)
     tokens = [[1, 2, 3, 4, 5, 6], list(range(1, 20)), [7]]
     # Row 0 has a 2-hour gap before its last two behaviours; row 1 none.
     stamps = [[0.0, 10.0, 20.0, 30.0, 7230.0, 7240.0], [float(i) for i in range(19)], [0.0]]
-    item_seq, time_lag = pad_batch(tokens, stamps, now=7300.0, max_seq_len=config.max_seq_len)
-    noise = make_noise(model.noise_shape, seed=7)
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    onnx_out = session.run(None, {"item_seq": item_seq, "time_lag": time_lag, "noise": noise})[0]
+    onnx_out, batch, noise = run_exported(model, tmp_path / "tower.onnx", tokens, stamps, 7300.0)
     with torch.no_grad():
-        batch = Batch(torch.from_numpy(item_seq), torch.from_numpy(time_lag))
-        torch_out = model.user_embedding(batch, torch.from_numpy(noise)).numpy()
+        torch_out = model.user_embedding(batch, noise).numpy()
         fixed = T2Diff(40, T2DiffConfig(**{**config.to_dict(), "session_gap_s": 0.0})).eval()
         fixed.load_state_dict(model.state_dict())
-        fixed_out = fixed.user_embedding(batch, torch.from_numpy(noise)).numpy()
+        fixed_out = fixed.user_embedding(batch, noise).numpy()
     assert np.abs(onnx_out - torch_out).max() < 1e-4
     # The gap changes row 0's answer and leaves the one-session rows as they were.
     assert np.abs(torch_out[0] - fixed_out[0]).max() > 1e-4

@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import faiss
 import numpy as np
 import onnx
 import pytest
@@ -43,22 +42,15 @@ from contracts.release import (
     rollback,
     switch_link,
 )
-from index_builder import build_from_artifacts, configure_threads
+from index_builder import build_from_artifacts
 from index_builder.validate import validate_release
 from t2diff_cli.main import app
 from t2diff_cli.release_cmds import RebuildError, newest_run
 
+pytestmark = pytest.mark.usefixtures("one_omp_thread")
+
 N, DIM = 2000, 16
 runner = CliRunner()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_omp_thread():
-    previous = faiss.omp_get_max_threads()
-    configure_threads(1)
-    yield
-    configure_threads(None)
-    faiss.omp_set_num_threads(previous)
 
 
 def tower_onnx(path: Path, dim: int) -> None:
