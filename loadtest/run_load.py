@@ -80,6 +80,7 @@ from t2diff_cli.local_stack import (  # noqa: E402 - needs ROOT on the path
     ServiceNotReady,
     file_tail,
     free_port,
+    stop_process,
     wait_until_ready,
 )
 
@@ -994,13 +995,7 @@ class LocalStack:
 
     def close(self) -> None:
         if self.service is not None:
-            if self.service.poll() is None:
-                self.service.terminate()
-                try:
-                    self.service.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    os.killpg(self.service.pid, signal.SIGKILL)
-                    self.service.wait()
+            stop_process(self.service, timeout_s=20, kill_group=True)
             self.service = None
         if self.redis is not None:
             self.redis.stop()
