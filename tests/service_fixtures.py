@@ -167,12 +167,16 @@ def build_tiny_index(artifacts_dir: Path, out_dir: Path) -> Path:
 # --------------------------------------------------------------------------- versions
 
 
-def build_version(root: Path, model_version: str, seed: int = 0) -> tuple[Path, Path]:
-    """``root/artifacts/VERSION`` and ``root/indexes/VERSION`` of one tiny model version."""
+def build_version(
+    root: Path, model_version: str, seed: int = 0, index_version: str | None = None
+) -> tuple[Path, Path]:
+    """``root/artifacts/VERSION`` and ``root/indexes/INDEX_VERSION`` (default: VERSION) of
+    one tiny model version."""
     artifacts = build_tiny_export(
         Path(root) / "artifacts" / model_version, model_version=model_version, seed=seed
     )
-    return artifacts, build_tiny_index(artifacts, Path(root) / "indexes" / model_version)
+    index_dir = Path(root) / "indexes" / (index_version or model_version)
+    return artifacts, build_tiny_index(artifacts, index_dir)
 
 
 def point_link(link: Path, version: str) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import redis
 from fastapi.testclient import TestClient
-from service_fixtures import TINY_MODEL_VERSION, build_tiny_export, build_tiny_index, item_id
+from service_fixtures import TINY_MODEL_VERSION, build_version, item_id
 
 from contracts.sessions import event_key, session_key
 from service.app import create_app
@@ -27,8 +27,7 @@ TOKEN = "s3cret-admin-token"
 @pytest.fixture(scope="module")
 def version(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("api")
-    artifacts = build_tiny_export(root / "artifacts" / TINY_MODEL_VERSION)
-    return artifacts, build_tiny_index(artifacts, root / "indexes" / "idx-api")
+    return build_version(root, TINY_MODEL_VERSION, index_version="idx-api")
 
 
 def settings_for(version: tuple[Path, Path], redis_url: str, **overrides) -> Settings:

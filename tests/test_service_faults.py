@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from service_fixtures import TINY_MODEL_VERSION, build_tiny_export, build_tiny_index, item_id
+from service_fixtures import TINY_MODEL_VERSION, build_version, item_id
 
 from service.app import create_app
 from service.settings import Settings
@@ -26,8 +26,7 @@ SLACK_S = 1.5  # scheduling noise on a shared CI box; a hang would be seconds to
 @pytest.fixture(scope="module")
 def version(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("faults")
-    artifacts = build_tiny_export(root / "artifacts" / TINY_MODEL_VERSION)
-    return artifacts, build_tiny_index(artifacts, root / "indexes" / "idx-faults")
+    return build_version(root, TINY_MODEL_VERSION, index_version="idx-faults")
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import schemathesis
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import response_schema_conformance
-from service_fixtures import TINY_MODEL_VERSION, build_tiny_export, build_tiny_index
+from service_fixtures import TINY_MODEL_VERSION, build_version
 
 from service.app import create_app
 from service.settings import Settings
@@ -22,8 +22,7 @@ TOKEN = "schema-token"
 @pytest.fixture(scope="module")
 def api_schema(tmp_path_factory: pytest.TempPathFactory, redis_server: str):
     root = tmp_path_factory.mktemp("schema")
-    artifacts = build_tiny_export(root / "artifacts" / TINY_MODEL_VERSION)
-    index = build_tiny_index(artifacts, root / "indexes" / "idx-schema")
+    artifacts, index = build_version(root, TINY_MODEL_VERSION, index_version="idx-schema")
     settings = Settings(
         artifacts_dir=artifacts,
         index_dir=index,
