@@ -7,7 +7,9 @@ and the same reverse-process noise: once with the trained PyTorch model, once wi
 export's ``user_tower.onnx`` in ONNX Runtime (the serving graph, fast export included) and
 its ``item_embeddings.npy``.  Prints both metric sets, their largest difference and the
 largest user-embedding difference; exits 1 when a metric differs by more than
-``--tolerance`` (default 0: the same ranks).
+``--tolerance`` (default 0: the same ranks).  ``--split``: the export's two tower parts
+(``diffusion`` -> ``xhat`` -> ``attention``, what the service runs when the manifest has
+``tower_parts``) instead of the single graph.
 """
 
 from __future__ import annotations
@@ -31,10 +33,19 @@ from model.train import load_run  # noqa: E402
 class OnnxTower:
     """The export behind the evaluator's model contract (``full_sort_scores``, ``eval``)."""
 
-    def __init__(self, artifacts: Path, noise_shape: tuple[int, ...]) -> None:
+    def __init__(self, artifacts: Path, noise_shape: tuple[int, ...], split: bool = False) -> None:
         self.session = ort.InferenceSession(
             str(artifacts / "user_tower.onnx"), providers=["CPUExecutionProvider"]
         )
+        self.parts: dict[str, ort.InferenceSession] = {}
+        if split:
+            manifest = json.loads((artifacts / "manifest.json").read_text())
+            self.parts = {
+                part: ort.InferenceSession(
+                    str(artifacts / name), providers=["CPUExecutionProvider"]
+                )
+                for part, name in manifest["tower_parts"].items()
+            }
         items = np.load(artifacts / "item_embeddings.npy", allow_pickle=False)
         # Token 0 is padding: a zero row, so token t scores row t - 1 of the export.
         self.items = torch.from_numpy(
@@ -48,14 +59,28 @@ class OnnxTower:
         return self
 
     def user_embedding(self, batch: Batch, noise: torch.Tensor) -> torch.Tensor:
-        (out,) = self.session.run(
-            None,
-            {
-                INPUT_ITEM_SEQ: batch.item_seq.cpu().numpy(),
-                INPUT_TIME_LAG: batch.time_lag.cpu().numpy(),
-                INPUT_NOISE: noise.cpu().numpy(),
-            },
-        )
+        if self.parts:
+            item_seq = batch.item_seq.cpu().numpy()
+            (xhat,) = self.parts["diffusion"].run(
+                None, {INPUT_ITEM_SEQ: item_seq, INPUT_NOISE: noise.cpu().numpy()}
+            )
+            (out,) = self.parts["attention"].run(
+                None,
+                {
+                    INPUT_ITEM_SEQ: item_seq,
+                    INPUT_TIME_LAG: batch.time_lag.cpu().numpy(),
+                    "xhat": xhat,
+                },
+            )
+        else:
+            (out,) = self.session.run(
+                None,
+                {
+                    INPUT_ITEM_SEQ: batch.item_seq.cpu().numpy(),
+                    INPUT_TIME_LAG: batch.time_lag.cpu().numpy(),
+                    INPUT_NOISE: noise.cpu().numpy(),
+                },
+            )
         user = torch.from_numpy(out)
         if self.reference is not None:
             with torch.no_grad():
@@ -73,11 +98,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run", type=Path, required=True)
     parser.add_argument("--artifacts", type=Path, required=True)
     parser.add_argument("--tolerance", type=float, default=0.0)
+    parser.add_argument("--split", action="store_true", help="the two tower parts")
     args = parser.parse_args(argv)
     run = load_run(args.run, "cpu")
     max_len = int(run.meta["model_config"]["max_seq_len"])
     sequences = DeviceSequences.from_data(run.data, "cpu")
-    onnx_tower = OnnxTower(args.artifacts, tuple(run.model.noise_shape))
+    onnx_tower = OnnxTower(args.artifacts, tuple(run.model.noise_shape), args.split)
     onnx_tower.reference = run.model
     report: dict[str, dict[str, dict[str, float]]] = {}
     worst = 0.0

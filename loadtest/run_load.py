@@ -448,7 +448,7 @@ def parse_rates(text: str) -> list[float]:
 
 # --------------------------------------------------------------------------- response log
 
-LOG_STAGES = ("redis", "queue", "tower", "ann", "filter")
+LOG_STAGES = ("redis", "queue", "tower", "ann", "filter", "diffusion", "attention")
 
 
 @dataclass(frozen=True)
@@ -1309,6 +1309,12 @@ def run_step(
                 "batch_size": histogram_summary(
                     metrics_before, after, "t2diff_batch_size", None, scale=1.0
                 ).get("all", {}),
+                # Rows of the split tower found in the xhat cache (hit) or computed (miss).
+                "xhat_cache": {
+                    result: after.get(key, 0.0) - metrics_before.get(key, 0.0)
+                    for result in ("hit", "miss")
+                    for key in [("t2diff_xhat_cache_total", (("result", result),))]
+                },
             }
         except OSError as exc:
             summary["metrics"] = {"error": str(exc)}
@@ -1330,6 +1336,12 @@ def run_step(
             "run_load: stage mean/p99 ms (from /metrics): "
             + ", ".join(f"{k} {v['mean']:.2f}/{v['p99']:.2f}" for k, v in stages.items())
         )
+        cache = summary["metrics"]["xhat_cache"]  # type: ignore[index]
+        if cache["hit"] + cache["miss"] > 0:
+            print(
+                f"run_load: xhat cache {cache['hit']:.0f} hits, {cache['miss']:.0f} misses "
+                f"(hit rate {cache['hit'] / (cache['hit'] + cache['miss']):.3f})"
+            )
     print(f"run_load: report {step.html}, plot {step.plot}, stats {stats_csv}")
     if args.results_csv:
         append_result(

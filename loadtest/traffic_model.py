@@ -236,8 +236,10 @@ def _budget(value: str | None) -> int | None:
 
 # The response log (T2DIFF_LOADTEST_RESPONSE_LOG): wall-clock start (unix s), client-side
 # latency, endpoint, HTTP status, degraded (1/0; empty for /events), reason, and the
-# service's own stage timings of a recall (ms; empty when absent).
-STAGES = ("redis", "queue", "tower", "ann", "filter")
+# service's own stage timings of a recall (ms; empty when absent).  ``diffusion`` and
+# ``attention`` are the split tower's parts (inside ``tower``); ``diffusion`` is absent
+# when every row of the request's batch was in the xhat cache.
+STAGES = ("redis", "queue", "tower", "ann", "filter", "diffusion", "attention")
 LOG_COLUMNS = (
     "t_start",
     "latency_ms",
