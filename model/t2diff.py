@@ -48,6 +48,12 @@ class T2DiffConfig:
     dropout: float = 0.1
     use_diffusion: bool = True  # False: the "mixed attention only" ablation
     drift: bool = True  # False: the "W/O DP" ablation (diffuse X_{2:n+1} itself)
+    # 0: in training the tower sees xhat_{n+1} from the same random step r as L_KL (the
+    # paper).  At small r, z_r still holds the target's drift, so that xhat is nearly the
+    # target itself, while serving's xhat comes from 50 steps started at pure noise.
+    # f in (0, 1): the tower's xhat comes from a second, gradient-free U-Net pass at
+    # r ~ U[floor(f T), T), closer to what serving feeds it.  L_KL is unchanged.
+    tower_xhat_min_step_frac: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -91,6 +97,8 @@ class T2Diff(SequentialRecommender):
 
     def __init__(self, n_items: int, config: T2DiffConfig) -> None:
         super().__init__(n_items, config.dim)
+        if not 0.0 <= config.tower_xhat_min_step_frac < 1.0:
+            raise ValueError("t2diff needs 0 <= tower_xhat_min_step_frac < 1")
         self.config = config
         d = config.dim
         self.item_emb = nn.Embedding(n_items + 1, d, padding_idx=0)
@@ -154,11 +162,20 @@ class T2Diff(SequentialRecommender):
         z0 = x_full[:, 1:] - x_full[:, :-1] if self.config.drift else x_full[:, 1:]
         t = torch.randint(0, self.schedule.steps, (x.shape[0],), device=x.device)
         zt = self.schedule.add_noise(z0, torch.randn_like(z0), t)
-        z0_hat = self.unet(zt, self.unet.condition(x_in), x_in, self.unet.step_features(t))
+        cond = self.unet.condition(x_in)
+        z0_hat = self.unet(zt, cond, x_in, self.unet.step_features(t))
         # Positions whose left element is padding carry no drift (their X is zero).
         valid = (item_seq > 0).to(z0.dtype)
         per_position = (z0_hat - z0).pow(2).sum(-1)
         diffusion_loss = (per_position * valid).sum() / valid.sum().clamp(min=1.0)
+        frac = self.config.tower_xhat_min_step_frac
+        if frac > 0:
+            steps = self.schedule.steps
+            with torch.no_grad():
+                low = min(int(frac * steps), steps - 1)
+                t_tower = torch.randint(low, steps, (x.shape[0],), device=x.device)
+                zt_tower = self.schedule.add_noise(z0, torch.randn_like(z0), t_tower)
+                z0_hat = self.unet(zt_tower, cond, x_in, self.unet.step_features(t_tower))
         return self._utilise(z0_hat, x_in).detach(), diffusion_loss
 
     def _utilise(self, z0_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

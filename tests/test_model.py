@@ -205,3 +205,35 @@ def test_onnx_tower_matches_pytorch_with_time_gap_sessions(tmp_path: Path) -> No
     # The gap changes row 0's answer and leaves the one-session rows as they were.
     assert np.abs(torch_out[0] - fixed_out[0]).max() > 1e-4
     assert np.abs(torch_out[1] - fixed_out[1]).max() < 1e-5
+
+
+def test_tower_xhat_from_high_steps_option() -> None:
+    """``tower_xhat_min_step_frac``: the tower's xhat comes from a gradient-free pass at a
+    high step; L_KL is the same as without it, the U-Net still gets its gradient from L_KL
+    only, and bad fractions are refused."""
+    config = T2DiffConfig(dim=16, unet_width=8, max_seq_len=12, session_len=4, diffusion_steps=5)
+    batch = Batch(
+        item_seq=torch.randint(1, 30, (4, 12)),
+        time_lag=torch.zeros(4, 12),
+        target=torch.randint(1, 30, (4,)),
+    )
+    losses, unet_grads = {}, {}
+    for frac in (0.0, 0.9):
+        torch.manual_seed(0)
+        model = T2Diff(30, T2DiffConfig(**{**config.__dict__, "tower_xhat_min_step_frac": frac}))
+        model.eval()  # no dropout: the two runs differ only in the tower's xhat
+        torch.manual_seed(1)
+        total, parts = model.loss(batch)
+        total.backward()
+        unet_grads[frac] = [p.grad for p in model.unet.parameters()]
+        losses[frac] = parts
+    assert float(losses[0.9]["diffusion"]) == pytest.approx(float(losses[0.0]["diffusion"]))
+    assert float(losses[0.9]["tower"]) != pytest.approx(float(losses[0.0]["tower"]))
+    # Stop-gradient: the tower's loss never reaches the U-Net, whichever xhat it sees.
+    for plain, high in zip(unet_grads[0.0], unet_grads[0.9], strict=True):
+        assert (plain is None) == (high is None)
+        if plain is not None:
+            torch.testing.assert_close(plain, high)
+    for bad in (-0.5, 1.0):
+        with pytest.raises(ValueError, match="tower_xhat_min_step_frac"):
+            T2Diff(30, T2DiffConfig(tower_xhat_min_step_frac=bad))
