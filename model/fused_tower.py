@@ -115,7 +115,7 @@ if HAVE_TRITON:
     def _conv_part(
         acc,
         skip,
-        params,
+        weights,
         w1_off,
         ws_off,
         src,
@@ -141,29 +141,31 @@ if HAVE_TRITON:
             for k0 in tl.static_range(0, C, KC):
                 tile = _load_rows(src, samp, q, valid, SRC_L, C, KC, k0, MODE)
                 krow = ROW0 + k0 + tl.arange(0, KC)
-                weight = tl.load(params + w1_off + (tap * CIN + krow)[:, None] * COUT + oc[None, :])
+                weight = tl.load(
+                    weights + w1_off + (tap * CIN + krow)[:, None] * COUT + oc[None, :]
+                )
                 acc += tl.dot(tile, weight, input_precision=PREC)
                 if WITH_SKIP:
                     if tap == 1:
-                        w_skip = tl.load(params + ws_off + krow[:, None] * COUT + oc[None, :])
+                        w_skip = tl.load(weights + ws_off + krow[:, None] * COUT + oc[None, :])
                         skip += tl.dot(tile, w_skip, input_precision=PREC)
         return acc, skip
 
     @triton.jit
-    def _ln_silu(h, params, g_off, b_off, COUT: tl.constexpr, EPS: tl.constexpr):
+    def _ln_silu(h, weights, g_off, b_off, COUT: tl.constexpr, EPS: tl.constexpr):
         oc = tl.arange(0, COUT)
         mean = tl.sum(h, axis=1) / COUT
         centred = h - mean[:, None]
         var = tl.sum(centred * centred, axis=1) / COUT
         normed = centred * (1.0 / tl.sqrt(var + EPS))[:, None]
         normed = (
-            normed * tl.load(params + g_off + oc)[None, :] + tl.load(params + b_off + oc)[None, :]
+            normed * tl.load(weights + g_off + oc)[None, :] + tl.load(weights + b_off + oc)[None, :]
         )
         return normed * tl.sigmoid(normed)
 
     @triton.jit
     def _block(
-        params,
+        weights,
         BASE: tl.constexpr,
         t,
         samp,
@@ -208,31 +210,31 @@ if HAVE_TRITON:
         acc = tl.zeros([R, COUT], dtype=tl.float32)
         skip = tl.zeros([R, COUT], dtype=tl.float32)
         acc, skip = _conv_part(
-            acc, skip, params, W1, WS, a_src, samp, pos, L, A_L, A_C, 0, CIN, COUT, A_MODE, True,
+            acc, skip, weights, W1, WS, a_src, samp, pos, L, A_L, A_C, 0, CIN, COUT, A_MODE, True,
             KC, PREC,
         )  # fmt: skip
         if B_C > 0:
             acc, skip = _conv_part(
-                acc, skip, params, W1, WS, b_src, samp, pos, L, B_L, B_C, A_C, CIN, COUT, 0, True,
+                acc, skip, weights, W1, WS, b_src, samp, pos, L, B_L, B_C, A_C, CIN, COUT, 0, True,
                 KC, PREC,
             )  # fmt: skip
         act_offs = samp[:, None] * (L * COUT) + pos[:, None] * COUT + oc[None, :]
-        pre = acc + tl.load(params + B1 + oc)[None, :]
-        skip = skip + tl.load(params + BS + oc)[None, :]
+        pre = acc + tl.load(weights + B1 + oc)[None, :]
+        skip = skip + tl.load(weights + BS + oc)[None, :]
         if HAS_EXTRA:
             pre += tl.load(extra_pre + act_offs, mask=row_ok[:, None], other=0.0)
             skip += tl.load(extra_skip + act_offs, mask=row_ok[:, None], other=0.0)
-        hidden = _ln_silu(pre, params, G1, BE1, COUT, EPS)
+        hidden = _ln_silu(pre, weights, G1, BE1, COUT, EPS)
         tl.store(tmp + act_offs, hidden, mask=row_ok[:, None])
         tl.debug_barrier()  # conv2 reads neighbouring rows written by other threads
         acc2 = tl.zeros([R, COUT], dtype=tl.float32)
         acc2, skip = _conv_part(
-            acc2, skip, params, W2, WS, tmp, samp, pos, L, L, COUT, 0, COUT, COUT, 0, False,
+            acc2, skip, weights, W2, WS, tmp, samp, pos, L, L, COUT, 0, COUT, COUT, 0, False,
             KC, PREC,
         )  # fmt: skip
-        acc2 += tl.load(params + C2 + t * (L * COUT) + pos[:, None] * COUT + oc[None, :],
+        acc2 += tl.load(weights + C2 + t * (L * COUT) + pos[:, None] * COUT + oc[None, :],
                         mask=row_ok[:, None], other=0.0)  # fmt: skip
-        result = _ln_silu(acc2, params, G2, BE2, COUT, EPS) + skip
+        result = _ln_silu(acc2, weights, G2, BE2, COUT, EPS) + skip
         if STORE:
             tl.store(out + act_offs, result, mask=row_ok[:, None])
         tl.debug_barrier()  # the next block reads ``out``; ``tmp`` is reused
@@ -240,7 +242,7 @@ if HAVE_TRITON:
 
     @triton.jit
     def _unet(
-        params,
+        weights,
         t,
         zbuf,
         cond,
@@ -277,20 +279,20 @@ if HAVE_TRITON:
         EPS: tl.constexpr,
     ):
         """One U-Net pass at step ``t``: the last hidden layer [R0, W0] (before ``out``)."""
-        _block(params, FIRST, t, s0, p0, zbuf, L0, D, 0, zbuf, L0, 0, cond, skip_x, True,
+        _block(weights, FIRST, t, s0, p0, zbuf, L0, D, 0, zbuf, L0, 0, cond, skip_x, True,
                tmp, h0, True, L0, W0, T, R0, KC, PREC, EPS)  # fmt: skip
-        _block(params, DOWN1, t, s1, p1, h0, L0, W0, 2, h0, L0, 0, cond, skip_x, False,
+        _block(weights, DOWN1, t, s1, p1, h0, L0, W0, 2, h0, L0, 0, cond, skip_x, False,
                tmp, d1, True, L1, W1, T, R1, KC, PREC, EPS)  # fmt: skip
-        _block(params, DOWN2, t, s2, p2, d1, L1, W1, 2, d1, L1, 0, cond, skip_x, False,
+        _block(weights, DOWN2, t, s2, p2, d1, L1, W1, 2, d1, L1, 0, cond, skip_x, False,
                tmp, d2, True, L2, W2, T, R2, KC, PREC, EPS)  # fmt: skip
-        _block(params, UP1, t, s1, p1, d2, L2, W2, 1, d1, L1, W1, cond, skip_x, False,
+        _block(weights, UP1, t, s1, p1, d2, L2, W2, 1, d1, L1, W1, cond, skip_x, False,
                tmp, u1, True, L1, W1, T, R1, KC, PREC, EPS)  # fmt: skip
-        return _block(params, UP0, t, s0, p0, u1, L1, W1, 1, h0, L0, W0, cond, skip_x, False,
+        return _block(weights, UP0, t, s0, p0, u1, L1, W1, 1, h0, L0, W0, cond, skip_x, False,
                       tmp, h0, False, L0, W0, T, R0, KC, PREC, EPS)  # fmt: skip
 
     @triton.jit
     def _reverse_kernel(
-        params,
+        weights,
         cond,
         skip_x,
         noise0,
@@ -352,7 +354,7 @@ if HAVE_TRITON:
         w_offs = tl.arange(0, W0)[:, None] * D + dd[None, :]
         for i in range(0, T - 1):
             t = T - 1 - i
-            hidden = _unet(params, t, zbuf, cond, skip_x, tmp, h0, d1, d2, u1,
+            hidden = _unet(weights, t, zbuf, cond, skip_x, tmp, h0, d1, d2, u1,
                            s0, p0, s1, p1, s2, p2, FIRST, DOWN1, DOWN2, UP1, UP0,
                            L0, L1, L2, W0, W1, W2, D, T, R0, R1, R2, KC, PREC, EPS)  # fmt: skip
             # z_{t-1} = c0_t (h W_out + b_out) + ct_t z_t + sigma_t noise (c0 folded in out_w)
@@ -363,7 +365,7 @@ if HAVE_TRITON:
             )
             tl.store(zbuf + z_offs, z, mask=row_ok[:, None])
             tl.debug_barrier()
-        hidden = _unet(params, 0, zbuf, cond, skip_x, tmp, h0, d1, d2, u1,
+        hidden = _unet(weights, 0, zbuf, cond, skip_x, tmp, h0, d1, d2, u1,
                        s0, p0, s1, p1, s2, p2, FIRST, DOWN1, DOWN2, UP1, UP0,
                        L0, L1, L2, W0, W1, W2, D, T, R0, R1, R2, KC, PREC, EPS)  # fmt: skip
         z0 = tl.dot(hidden, tl.load(out_w_last + w_offs), input_precision=PREC)
@@ -417,8 +419,8 @@ class FusedUNetSteps(nn.Module):
             self.register_buffer("out_w_last", fast.out_w_last.contiguous().clone())
             self.register_buffer("out_b_last", fast.out_b_last.contiguous().clone())
             self.im_z = fast.im_z
-            params, offsets = self._pack(fast)
-            self.register_buffer("params", params)
+            weights, offsets = self._pack(fast)
+            self.register_buffer("weights", weights)
         self.offsets = offsets
         self.eps = float(fast.first.eps[0])
 
@@ -472,7 +474,7 @@ class FusedUNetSteps(nn.Module):
         result = new(batch, self.dim)
         first, down1, down2, up1, up0 = self.offsets
         _reverse_kernel[(padded // self.spp,)](
-            self.params, cond.contiguous(), skip_x.contiguous(), noise[0].contiguous(), extras,
+            self.weights, cond.contiguous(), skip_x.contiguous(), noise[0].contiguous(), extras,
             self.ct, self.out_w, self.out_w_last, self.out_b_last, result,
             zbuf, tmp, h0, d1, d2, u1, batch,
             FIRST=first, DOWN1=down1, DOWN2=down2, UP1=up1, UP0=up0,
