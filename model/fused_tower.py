@@ -15,7 +15,8 @@ the model's 3-level U-Net (widths ``w, 2w, 4w``); ``FusedUNetSteps`` refuses oth
 
 Precision: ``precision="ieee"`` does every product in float32 on the CUDA cores (matches
 eager within 1e-4); ``"tf32x3"`` uses the tensor cores with three tf32 products (near
-float32); ``"tf32"`` one tf32 product (about 3e-4 relative, judged by ranking recall).
+float32); ``"tf32"`` one tf32 product (about 3e-4 relative) and ``"bf16"`` bfloat16
+operands (float32 accumulation, norms and state), both judged by ranking recall.
 
 Triton is optional: importing this module without it works, ``FusedUNetSteps`` then raises.
 The kernel's arithmetic runs on a CPU under ``TRITON_INTERPRET=1`` (tests do that).
@@ -44,7 +45,7 @@ except ImportError:  # CPU-only installs: the module still imports, the kernel i
     tl = None  # type: ignore[assignment]
     HAVE_TRITON = False
 
-PRECISIONS = ("ieee", "tf32x3", "tf32")
+PRECISIONS = ("ieee", "tf32x3", "tf32", "bf16")
 
 
 def _rows_block(length: int) -> int:
@@ -78,7 +79,7 @@ if HAVE_TRITON:
         SRC_L: tl.constexpr,
         C: tl.constexpr,
         KC: tl.constexpr,
-        k0: tl.constexpr,
+        k0,
         MODE: tl.constexpr,
     ):
         """Rows ``q`` (channels ``k0 .. k0+KC``) of each row's sample in ``src`` [*, SRC_L, C].
@@ -112,6 +113,15 @@ if HAVE_TRITON:
         return tile
 
     @triton.jit
+    def _dot(a, b, PREC: tl.constexpr):
+        """``a @ b`` in float32 accumulation; operands as ``PREC`` says."""
+        if PREC == "bf16":
+            out = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+        else:
+            out = tl.dot(a, b, input_precision=PREC)
+        return out
+
+    @triton.jit
     def _conv_part(
         acc,
         skip,
@@ -134,21 +144,26 @@ if HAVE_TRITON:
     ):
         """acc += conv3(part) (padding 1); skip += part @ ws (the 1x1 residual), both over the
         part's channels, which are rows ``ROW0 ..`` of each tap of the im2col weight."""
+        # Run-time loops (not unrolled): one copy of each product in the code keeps the
+        # kernel small (the unrolled version compiled for 5 minutes and ran out of the
+        # instruction cache).
         oc = tl.arange(0, COUT)
-        for tap in tl.static_range(3):
+        for tap in range(3):
             q = pos + (tap - 1)
             valid = (q >= 0) & (q < L)
-            for k0 in tl.static_range(0, C, KC):
+            for k0 in range(0, C, KC):
                 tile = _load_rows(src, samp, q, valid, SRC_L, C, KC, k0, MODE)
                 krow = ROW0 + k0 + tl.arange(0, KC)
                 weight = tl.load(
                     weights + w1_off + (tap * CIN + krow)[:, None] * COUT + oc[None, :]
                 )
-                acc += tl.dot(tile, weight, input_precision=PREC)
-                if WITH_SKIP:
-                    if tap == 1:
-                        w_skip = tl.load(weights + ws_off + krow[:, None] * COUT + oc[None, :])
-                        skip += tl.dot(tile, w_skip, input_precision=PREC)
+                acc += _dot(tile, weight, PREC)
+        if WITH_SKIP:
+            for k0 in range(0, C, KC):
+                tile = _load_rows(src, samp, pos, pos < L, SRC_L, C, KC, k0, MODE)
+                krow = ROW0 + k0 + tl.arange(0, KC)
+                w_skip = tl.load(weights + ws_off + krow[:, None] * COUT + oc[None, :])
+                skip += _dot(tile, w_skip, PREC)
         return acc, skip
 
     @triton.jit
@@ -247,7 +262,9 @@ if HAVE_TRITON:
         zbuf,
         cond,
         skip_x,
-        tmp,
+        tmp0,
+        tmp1,
+        tmp2,
         h0,
         d1,
         d2,
@@ -280,15 +297,15 @@ if HAVE_TRITON:
     ):
         """One U-Net pass at step ``t``: the last hidden layer [R0, W0] (before ``out``)."""
         _block(weights, FIRST, t, s0, p0, zbuf, L0, D, 0, zbuf, L0, 0, cond, skip_x, True,
-               tmp, h0, True, L0, W0, T, R0, KC, PREC, EPS)  # fmt: skip
+               tmp0, h0, True, L0, W0, T, R0, KC, PREC, EPS)  # fmt: skip
         _block(weights, DOWN1, t, s1, p1, h0, L0, W0, 2, h0, L0, 0, cond, skip_x, False,
-               tmp, d1, True, L1, W1, T, R1, KC, PREC, EPS)  # fmt: skip
+               tmp1, d1, True, L1, W1, T, R1, KC, PREC, EPS)  # fmt: skip
         _block(weights, DOWN2, t, s2, p2, d1, L1, W1, 2, d1, L1, 0, cond, skip_x, False,
-               tmp, d2, True, L2, W2, T, R2, KC, PREC, EPS)  # fmt: skip
+               tmp2, d2, True, L2, W2, T, R2, KC, PREC, EPS)  # fmt: skip
         _block(weights, UP1, t, s1, p1, d2, L2, W2, 1, d1, L1, W1, cond, skip_x, False,
-               tmp, u1, True, L1, W1, T, R1, KC, PREC, EPS)  # fmt: skip
+               tmp1, u1, True, L1, W1, T, R1, KC, PREC, EPS)  # fmt: skip
         return _block(weights, UP0, t, s0, p0, u1, L1, W1, 1, h0, L0, W0, cond, skip_x, False,
-                      tmp, h0, False, L0, W0, T, R0, KC, PREC, EPS)  # fmt: skip
+                      tmp0, h0, False, L0, W0, T, R0, KC, PREC, EPS)  # fmt: skip
 
     @triton.jit
     def _reverse_kernel(
@@ -299,11 +316,11 @@ if HAVE_TRITON:
         extras,
         ct,
         out_w,
-        out_w_last,
-        out_b_last,
         result,
         zbuf,
-        tmp,
+        tmp0,
+        tmp1,
+        tmp2,
         h0,
         d1,
         d2,
@@ -352,26 +369,22 @@ if HAVE_TRITON:
         tl.store(zbuf + z_offs, z, mask=row_ok[:, None])
         tl.debug_barrier()
         w_offs = tl.arange(0, W0)[:, None] * D + dd[None, :]
-        for i in range(0, T - 1):
+        for i in range(0, T):
             t = T - 1 - i
-            hidden = _unet(weights, t, zbuf, cond, skip_x, tmp, h0, d1, d2, u1,
+            hidden = _unet(weights, t, zbuf, cond, skip_x, tmp0, tmp1, tmp2, h0, d1, d2, u1,
                            s0, p0, s1, p1, s2, p2, FIRST, DOWN1, DOWN2, UP1, UP0,
                            L0, L1, L2, W0, W1, W2, D, T, R0, R1, R2, KC, PREC, EPS)  # fmt: skip
-            # z_{t-1} = c0_t (h W_out + b_out) + ct_t z_t + sigma_t noise (c0 folded in out_w)
+            # z_{t-1} = c0_t (h W_out + b_out) + ct_t z_t + sigma_t noise (c0 folded in out_w);
+            # at t = 0: zhat_0 = h W_out + b_out (ct = 0, extras[0] = b_out, plain W_out)
             z = (
-                tl.dot(hidden, tl.load(out_w + t * (W0 * D) + w_offs), input_precision=PREC)
+                _dot(hidden, tl.load(out_w + t * (W0 * D) + w_offs), PREC)
                 + tl.load(ct + t) * z
-                + tl.load(extras + (t - 1) * (L0 * D) + step_offs, mask=row_ok[:, None], other=0.0)
+                + tl.load(extras + t * (L0 * D) + step_offs, mask=row_ok[:, None], other=0.0)
             )
             tl.store(zbuf + z_offs, z, mask=row_ok[:, None])
             tl.debug_barrier()
-        hidden = _unet(weights, 0, zbuf, cond, skip_x, tmp, h0, d1, d2, u1,
-                       s0, p0, s1, p1, s2, p2, FIRST, DOWN1, DOWN2, UP1, UP0,
-                       L0, L1, L2, W0, W1, W2, D, T, R0, R1, R2, KC, PREC, EPS)  # fmt: skip
-        z0 = tl.dot(hidden, tl.load(out_w_last + w_offs), input_precision=PREC)
-        z0 += tl.load(out_b_last + dd)[None, :]
         last = (p0 == L0 - 1) & (s0 < n_samples)
-        tl.store(result + s0[:, None] * D + dd[None, :], z0, mask=last[:, None])
+        tl.store(result + s0[:, None] * D + dd[None, :], z, mask=last[:, None])
 
 
 class FusedUNetSteps(nn.Module):
@@ -387,7 +400,7 @@ class FusedUNetSteps(nn.Module):
         precision: str = "ieee",
         samples_per_program: int = 1,
         num_warps: int = 4,
-        k_chunk: int = 32,
+        k_chunk: int = 64,
     ) -> None:
         super().__init__()
         if not HAVE_TRITON:
@@ -414,9 +427,14 @@ class FusedUNetSteps(nn.Module):
             self.register_buffer("skip_x_b", fast.skip_xb.clone())
             self.register_buffer("c0_bout", fast.c0_bout.clone())
             self.register_buffer("sigma", fast.sigma.clone())
-            self.register_buffer("ct", torch.tensor(fast.ct, dtype=torch.float32))
-            self.register_buffer("out_w", fast.out_w.contiguous().clone())
-            self.register_buffer("out_w_last", fast.out_w_last.contiguous().clone())
+            # Step t = 0 (the last) joins the loop: no ct term, plain output weight, bias
+            # b_out in place of the noise term.
+            ct = torch.tensor(fast.ct, dtype=torch.float32)
+            ct[0] = 0.0
+            self.register_buffer("ct", ct)
+            out_w = fast.out_w.clone()
+            out_w[0] = fast.out_w_last
+            self.register_buffer("out_w", out_w.contiguous())
             self.register_buffer("out_b_last", fast.out_b_last.contiguous().clone())
             self.im_z = fast.im_z
             weights, offsets = self._pack(fast)
@@ -461,10 +479,15 @@ class FusedUNetSteps(nn.Module):
             skip_x = torch.cat([skip_x, skip_x.new_zeros(fill, *skip_x.shape[1:])])
         noise = noise.float()
         flipped = torch.flip(noise[1:], dims=[0])  # flipped[t - 1] = noise[T - t]
-        extras = (self.c0_bout[1:] + self.sigma[1:] * flipped).contiguous()
+        extras = self.c0_bout[1:] + self.sigma[1:] * flipped  # [T - 1, L, d], index t - 1
+        last = self.out_b_last.expand(1, l0, self.dim)
+        extras = torch.cat([last, extras]).contiguous()  # index t
         new = x.new_empty
         zbuf = new(padded, l0, self.dim)
-        tmp = new(padded, max(l0 * w0, l1 * w1, l2 * w2))
+        # One scratch buffer per level: a buffer shared by levels would have a different
+        # per-sample stride in each, and CTAs at different levels would overwrite each
+        # other's samples (seen on the H100 at B = 64 and 256 before this split).
+        tmp0, tmp1, tmp2 = new(padded, l0, w0), new(padded, l1, w1), new(padded, l2, w2)
         h0, d1, d2, u1 = (
             new(padded, l0, w0),
             new(padded, l1, w1),
@@ -475,8 +498,8 @@ class FusedUNetSteps(nn.Module):
         first, down1, down2, up1, up0 = self.offsets
         _reverse_kernel[(padded // self.spp,)](
             self.weights, cond.contiguous(), skip_x.contiguous(), noise[0].contiguous(), extras,
-            self.ct, self.out_w, self.out_w_last, self.out_b_last, result,
-            zbuf, tmp, h0, d1, d2, u1, batch,
+            self.ct, self.out_w, result,
+            zbuf, tmp0, tmp1, tmp2, h0, d1, d2, u1, batch,
             FIRST=first, DOWN1=down1, DOWN2=down2, UP1=up1, UP0=up0,
             L0=l0, L1=l1, L2=l2,
             BL0=_rows_block(l0), BL1=_rows_block(l1), BL2=_rows_block(l2),
