@@ -139,8 +139,9 @@ def bench_run(run_dir: Path, args: argparse.Namespace, rec: Recorder) -> dict[st
             with torch.no_grad():
                 return model.user_embedding(batch, noise)
 
-        rec.time("torch_eager" + suffix, batch_size, eager, args.eager_runs)
-        for label, dtype in AUTOCAST.items():
+        if not args.only_fused:
+            rec.time("torch_eager" + suffix, batch_size, eager, args.eager_runs)
+        for label, dtype in {} if args.only_fused else AUTOCAST.items():
 
             def fast_call(
                 dtype: torch.dtype | None = dtype, inputs: tuple = (item_seq, time_lag, noise)
@@ -173,7 +174,9 @@ def bench_run(run_dir: Path, args: argparse.Namespace, rec: Recorder) -> dict[st
             ort_bench(ort_paths, item_seq, time_lag, noise, ref, suffix, rec, args)
     result: dict[str, Any] = {"width": width, "fused_p50": best}
     if args.recall:
-        result["recall"] = recall_check(model, fast, fused, sequences, run, max_len)
+        result["recall"] = recall_check(
+            model, fast, fused, sequences, run, max_len, autocast=not args.only_fused
+        )
     if ort_paths is not None and args.ort_threads:
         ort_threads(ort_paths, sequences, targets, max_len, noise, f"_w{width}", rec)
     return result
@@ -319,9 +322,9 @@ class _Path:
 
 
 def recall_check(model: Any, fast: Any, fused: dict, sequences: DeviceSequences, run: Any,
-                 max_len: int) -> dict:  # fmt: skip
+                 max_len: int, autocast: bool = True) -> dict:  # fmt: skip
     paths: dict[str, Callable[[Batch, torch.Tensor], torch.Tensor]] = {}
-    for label in ("bf16", "fp16"):
+    for label in ("bf16", "fp16") if autocast else ():
         dtype = AUTOCAST[label]
 
         def autocast_path(batch: Batch, noise: torch.Tensor, dtype: Any = dtype) -> torch.Tensor:
@@ -380,10 +383,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--runs-dirs", default="runs/ml1m-t2diff-s2,runs/ml1m-t2diff_w16_s2")
+    parser.add_argument("--fused-per-run", default="", help="';'-separated --fused per run dir")
     parser.add_argument("--batches", default="1,8,64,256")
     parser.add_argument("--runs", type=int, default=200)
     parser.add_argument("--eager-runs", type=int, default=30)
-    parser.add_argument("--fused", default="ieee:1:4,tf32x3:1:4,tf32:1:4")
+    parser.add_argument("--fused", default="tf32x3:1:4,tf32:1:4,bf16:1:4")
+    parser.add_argument(
+        "--only-fused", action="store_true", help="no eager/FastTower rows (reference still run)"
+    )
     parser.add_argument("--ort", action="store_true")
     parser.add_argument("--ort-threads", action="store_true")
     parser.add_argument("--recall", action="store_true")
@@ -404,7 +411,10 @@ def main(argv: list[str] | None = None) -> int:
         # README; the project's paths and their reference run in float32 throughout.
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
-        for run_dir in args.runs_dirs.split(","):
+        per_run = args.fused_per_run.split(";") if args.fused_per_run else []
+        for i, run_dir in enumerate(args.runs_dirs.split(",")):
+            if per_run:
+                args.fused = per_run[i]
             results[run_dir] = bench_run(Path(run_dir), args, rec)
     finally:
         (args.out / "checks.json").write_text(json.dumps(rec.checks, indent=1))
