@@ -65,6 +65,10 @@ class SelfAttentionBlock(nn.Module):
     def __init__(self, dim: int, heads: int, dropout: float) -> None:
         super().__init__()
         self.heads = heads
+        # A Python number, not one traced from ``x.shape``: the traced scale became a ``Pow``
+        # that ONNX Runtime's CUDA EP ran on the CPU, and the copy back to the GPU after it
+        # made ORT refuse CUDA-graph capture (docs/results/inference.md, "GPU (H100)").
+        self.sqrt_head_dim = (dim // heads) ** 0.5
         self.norm1 = nn.LayerNorm(dim)
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
@@ -80,7 +84,7 @@ class SelfAttentionBlock(nn.Module):
         def split(t: torch.Tensor) -> torch.Tensor:
             return t.reshape(batch, length, self.heads, head_dim).transpose(1, 2)
 
-        scores = split(q) @ split(k).transpose(2, 3) / head_dim**0.5
+        scores = split(q) @ split(k).transpose(2, 3) / self.sqrt_head_dim
         scores = scores + (~key_mask)[:, None, None, :].to(scores.dtype) * NEG_INF
         attn = self.drop(scores.softmax(dim=3))  # explicit axis: the ONNX tracer mis-numbers -1
         out = (attn @ split(v)).transpose(1, 2).reshape(batch, length, dim)
