@@ -45,6 +45,7 @@ import platform
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import faiss
@@ -53,13 +54,17 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from index_builder.build import (  # noqa: E402
+    TARGET_RECALL,
     build_index,
     default_factory,
+    default_k_factor,
+    default_nprobe,
     exact_topk,
     load_artifacts,
     make_search_params,
     sample_queries,
     shortlist_k_factor,
+    tune_search_params,
 )
 
 HEADER = [
@@ -76,6 +81,8 @@ HEADER = [
     "bytes_per_item",
     "build_s",
 ]
+#: Extra columns of ``--sweep-csv`` after :data:`HEADER`.
+SWEEP_EXTRA = ["queries", "k_factor", "tuned", "load1"]
 N_TOPICS = 32
 
 
@@ -111,13 +118,19 @@ def synthetic_corpus(
     return items, centres.astype(np.float32)
 
 
-def user_queries(centres: np.ndarray, n: int, seed: int) -> np.ndarray:
-    """Noisy Dirichlet mixtures of 1-3 cluster centres, unit norm, float32 [n, dim]."""
+#: ``--query-dist`` choices: the most cluster centres a query mixes.  ``mixture`` (1-3) is
+#: the benchmark's distribution; ``single`` (one centre, like the issue's yardstick) is a
+#: second, easier one reported beside it, never instead of it.
+QUERY_DISTS = {"mixture": 3, "single": 1}
+
+
+def user_queries(centres: np.ndarray, n: int, seed: int, max_centres: int = 3) -> np.ndarray:
+    """Noisy Dirichlet mixtures of 1-``max_centres`` cluster centres, unit norm, [n, dim]."""
     rng = np.random.default_rng(seed)
     dim = centres.shape[1]
     queries = np.empty((n, dim), dtype=np.float32)
     for row in range(n):
-        count = int(rng.integers(1, 4))
+        count = int(rng.integers(1, max_centres + 1))
         picked = centres[rng.choice(len(centres), size=count, replace=False)]
         mix = rng.dirichlet(np.ones(count)) @ picked
         mix /= np.linalg.norm(mix)
@@ -205,7 +218,8 @@ class Writer:
         line = [values[name] for name in HEADER]
         print(
             "  ".join(f"{k}={v}" for k, v in values.items() if k not in ("machine", "dim"))
-            + f"  k_factor={extra['k_factor']}  load1={extra['load1']}",
+            + f"  queries={extra['queries']}  k_factor={extra['k_factor']}"
+            + f"  tuned={extra['tuned']}  load1={extra['load1']}",
             flush=True,
         )
         sweep = self.args.sweep_csv
@@ -213,8 +227,8 @@ class Writer:
             new = not sweep.exists()
             with open(sweep, "a", newline="") as handle:
                 if new:
-                    csv.writer(handle).writerow([*HEADER, "k_factor", "load1"])
-                csv.writer(handle).writerow([*line, extra["k_factor"], extra["load1"]])
+                    csv.writer(handle).writerow([*HEADER, *SWEEP_EXTRA])
+                csv.writer(handle).writerow([*line, *(extra[name] for name in SWEEP_EXTRA)])
         if self.csv_path is not None and primary:
             with open(self.csv_path, "a", newline="") as handle:
                 csv.writer(handle).writerow(line)
@@ -223,21 +237,62 @@ class Writer:
                 handle.write(json.dumps({**values, **extra}) + "\n")
 
 
+def cached(path: Path | None, make: Callable[[], np.ndarray]) -> np.ndarray:
+    """``make()``, saved to / loaded from ``path`` (``.npy``) when a cache path is given."""
+    if path is not None and path.is_file():
+        return np.load(path)
+    array = make()
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(path, array)
+    return array
+
+
+def cached_corpus(
+    n: int, args: argparse.Namespace, prefix: Path | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`synthetic_corpus` (items, centres), cached under ``prefix`` when given."""
+    if prefix is not None:
+        paths = Path(f"{prefix}-items.npy"), Path(f"{prefix}-centres.npy")
+        if all(path.is_file() for path in paths):
+            return np.load(paths[0]), np.load(paths[1])
+    items, centres = synthetic_corpus(n, args.dim, args.seed)
+    if prefix is not None:
+        prefix.parent.mkdir(parents=True, exist_ok=True)
+        np.save(paths[0], items)
+        np.save(paths[1], centres)
+    return items, centres
+
+
 def bench_corpus(
     name: str,
     items: np.ndarray,
-    queries: np.ndarray,
+    query_sets: dict[str, tuple[np.ndarray, np.ndarray | None]],
     factories: list[str],
     nprobes: list[int],
     args: argparse.Namespace,
     writer: Writer,
+    cache_prefix: Path | None = None,
 ) -> None:
+    """Build each factory once and measure it on every query set.
+
+    ``query_sets`` maps a label (``mixture``, ``single``, ``user``) to (benchmark queries,
+    tuning queries or None); the first label's rows go to ``--csv``.  With ``--tune``, the
+    build's own tuner (:func:`tune_search_params`, on the tuning queries, never the
+    benchmark ones) picks ``(nprobe, k_factor)`` and that row is measured too.
+    """
     n, dim = items.shape
     faiss.omp_set_num_threads(args.batch_threads)
-    started = time.perf_counter()
-    _, exact = exact_topk(items, queries, 100)
-    print(f"[{name}] n={n} d={dim}: exact top-100 of {len(queries)} queries in "
-          f"{time.perf_counter() - started:.1f}s", flush=True)  # fmt: skip
+    exact: dict[str, np.ndarray] = {}
+    for label, (queries, _) in query_sets.items():
+        started = time.perf_counter()
+        path = None
+        if cache_prefix is not None:
+            path = Path(f"{cache_prefix}-{label}-q{len(queries)}-gt.npy")
+        exact[label] = cached(path, lambda q=queries: exact_topk(items, q, 100)[1])
+        print(f"[{name}/{label}] n={n} d={dim}: exact top-100 of {len(queries)} queries in "
+              f"{time.perf_counter() - started:.1f}s", flush=True)  # fmt: skip
+    primary_label = next(iter(query_sets))
     for token in factories:
         factory = resolve_factory(token, n, dim)
         load_before = loadavg()
@@ -251,37 +306,52 @@ def bench_corpus(
             nlist = faiss.extract_index_ivf(index).nlist
         except RuntimeError:
             nlist = 1
-        for k_factor, nprobe in [(kf, p) for kf in args.k_factors for p in nprobes]:
-            if nprobe > nlist:
-                continue
-            load1 = loadavg()
-            result = measure(index, queries, exact, nprobe, k_factor, args)
-            values = {
-                "machine": args.machine,
-                "n_items": n,
-                "dim": dim,
-                "factory": factory,
-                "nprobe": nprobe,
-                "recall_at_10": round(result["recall_at_10"], 4),
-                "recall_at_100": round(result["recall_at_100"], 4),
-                "p50_ms": round(result["p50_ms"], 4),
-                "p99_ms": round(result["p99_ms"], 4),
-                "qps_batched": round(result["qps_batched"], 1),
-                "bytes_per_item": round(per_item, 2),
-                "build_s": round(build_s, 2),
-            }
-            writer.row(
-                values,
-                k_factor == args.k_factors[0],
-                {
-                    "corpus": name,
-                    "k_factor": k_factor,
-                    "load1": load1,
-                    "build_load1": load_before,
-                    "batch_threads": args.batch_threads,
-                    "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-                },
-            )
+        has_refine = isinstance(faiss.downcast_index(index), faiss.IndexRefine)
+        k_factors = args.k_factors if has_refine else [1.0]
+        for label, (queries, tune_queries) in query_sets.items():
+            settings = [(kf, p, False) for kf in k_factors for p in nprobes if p <= nlist]
+            if args.tune and tune_queries is not None:
+                faiss.omp_set_num_threads(args.batch_threads)
+                tuned_nprobe, tuned_kf, tune_recall = tune_search_params(
+                    index, items, tune_queries, 100, default_nprobe(n, factory),
+                    default_k_factor(factory), TARGET_RECALL,
+                )  # fmt: skip
+                print(f"[{name}/{label}] tuner chose nprobe {tuned_nprobe}, k_factor "
+                      f"{tuned_kf} (recall@100 {tune_recall:.4f} on the tuning queries)",
+                      flush=True)  # fmt: skip
+                settings.append((float(tuned_kf), tuned_nprobe, True))
+            for k_factor, nprobe, tuned in settings:
+                load1 = loadavg()
+                result = measure(index, queries, exact[label], nprobe, k_factor, args)
+                values = {
+                    "machine": args.machine,
+                    "n_items": n,
+                    "dim": dim,
+                    "factory": factory,
+                    "nprobe": nprobe,
+                    "recall_at_10": round(result["recall_at_10"], 4),
+                    "recall_at_100": round(result["recall_at_100"], 4),
+                    "p50_ms": round(result["p50_ms"], 4),
+                    "p99_ms": round(result["p99_ms"], 4),
+                    "qps_batched": round(result["qps_batched"], 1),
+                    "bytes_per_item": round(per_item, 2),
+                    "build_s": round(build_s, 2),
+                }
+                primary = label == primary_label and (tuned or k_factor == k_factors[0])
+                writer.row(
+                    values,
+                    primary,
+                    {
+                        "corpus": name,
+                        "queries": label,
+                        "k_factor": k_factor,
+                        "tuned": tuned,
+                        "load1": load1,
+                        "build_load1": load_before,
+                        "batch_threads": args.batch_threads,
+                        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+                    },
+                )
         del index
 
 
@@ -355,6 +425,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--real-artifacts", type=Path, help="a user-tower export directory")
     parser.add_argument("--plot", type=Path, help="write the recall-vs-p99 PNG from --csv")
     parser.add_argument("--skip-synthetic", action="store_true", help="no synthetic corpora")
+    parser.add_argument(
+        "--query-dists", type=lambda t: [x for x in t.split(",") if x], default=["mixture"],
+        help=f"synthetic query distributions, comma list of {sorted(QUERY_DISTS)}; the first "
+        "goes to --csv (mixture: 1-3 centres, the benchmark; single: 1 centre, yardstick-like)",
+    )  # fmt: skip
+    parser.add_argument("--tune", action="store_true", help="also measure the setting that "
+                        "the build's tuner picks (on separate tuning queries)")  # fmt: skip
+    parser.add_argument("--tune-queries", type=int, default=1000)
+    parser.add_argument("--cache-dir", type=Path, help="cache synthetic corpora and exact "
+                        "top-100 here (.npy), e.g. /tmp/t2diff-index-cache")  # fmt: skip
     args = parser.parse_args(argv)
 
     plot_only = args.skip_synthetic and args.real_artifacts is None
@@ -367,23 +447,39 @@ def main(argv: list[str] | None = None) -> int:
     if writer is not None and not args.skip_synthetic:
         for n in args.sizes:
             started = time.perf_counter()
-            items, centres = synthetic_corpus(n, args.dim, args.seed)
-            queries = user_queries(centres, args.queries, args.seed + 1)
-            print(f"[synthetic] generated {n} items in {time.perf_counter() - started:.1f}s",
+            prefix = None
+            if args.cache_dir is not None:
+                prefix = args.cache_dir / f"synthetic-n{n}-d{args.dim}-s{args.seed}"
+            items, centres = cached_corpus(n, args, prefix)
+            print(f"[synthetic] {n} items ready in {time.perf_counter() - started:.1f}s",
                   flush=True)  # fmt: skip
+            query_sets = {
+                dist: (
+                    user_queries(centres, args.queries, args.seed + 1, QUERY_DISTS[dist]),
+                    user_queries(centres, args.tune_queries, args.seed + 2, QUERY_DISTS[dist]),
+                )
+                for dist in args.query_dists
+            }
             nprobes = args.nprobes_large if n >= args.large else args.nprobes
-            bench_corpus("synthetic", items, queries, factories, nprobes, args, writer)
+            bench_corpus("synthetic", items, query_sets, factories, nprobes, args, writer,
+                         prefix)  # fmt: skip
             del items
     if writer is not None and args.real_artifacts is not None:
         if not (args.real_artifacts / "manifest.json").is_file():
             print(f"[real] {args.real_artifacts}: no export there, real-embedding row skipped")
         else:
             _, items, _, real_queries = load_artifacts(args.real_artifacts)
-            queries = real_queries if real_queries is not None else sample_queries(
-                items, args.queries, args.seed + 1
-            )  # fmt: skip
+            if real_queries is not None:
+                # Disjoint halves: tuning on one, measuring on the other.
+                half = len(real_queries) // 2
+                query_sets = {"user": (real_queries[half:][: args.queries], real_queries[:half])}
+            else:
+                query_sets = {"user": (
+                    sample_queries(items, args.queries, args.seed + 1),
+                    sample_queries(items, args.tune_queries, args.seed + 2),
+                )}  # fmt: skip
             nprobes = [p for p in args.nprobes if p <= len(items)]
-            bench_corpus("real", items, queries[: args.queries], factories, nprobes, args, writer)
+            bench_corpus("real", items, query_sets, factories, nprobes, args, writer)
     if args.plot is not None:
         if args.csv is None:
             parser.error("--plot needs --csv")

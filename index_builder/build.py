@@ -54,7 +54,7 @@ MIN_POINTS_PER_LIST = 39
 #: 4-bit PQ has 16 centroids per sub-quantiser; k-means needs at least that many points.
 MIN_PQ_TRAIN_POINTS = 16
 #: Keep the raw float vectors (``Refine(Flat)``, 4*d bytes/item, exact re-scoring) while
-#: they fit in this many bytes; above it use ``Refine(SQ8)`` (d bytes/item, ~exact).
+#: they fit in this many bytes; above it scan 8-bit residual codes (``IVF...,SQ8``).
 FLAT_REFINE_MAX_BYTES = 128 << 20
 #: Training points per inverted list used when subsampling a large corpus (FAISS's own
 #: k-means caps at 256 per centroid; 64 is plenty for centroid quality and 4x faster).
@@ -74,6 +74,10 @@ MAX_K_FACTOR = 64
 DEFAULT_K_FACTOR = 4
 #: Recall@100 that :func:`build_from_artifacts` tunes ``nprobe`` / ``k_factor`` for.
 TARGET_RECALL = 0.98
+#: Single-query searches timed per candidate setting when tuning picks the fastest one.
+TUNING_LATENCY_QUERIES = 200
+#: Tuning stops widening ``nprobe`` at a ``k_factor`` once a step gains less recall than this.
+PLATEAU_GAIN = 5e-4
 
 _IVF_RE = re.compile(r"IVF(\d+)")
 
@@ -106,7 +110,8 @@ def default_nlist(n_items: int) -> int:
 def default_factory(n_items: int, dim: int) -> str:
     """A FAISS factory string for ``n_items`` vectors of ``dim`` dimensions (inner product).
 
-    ``IVF{nlist},PQ{M}x4fs,Refine(Flat|SQ8)``:
+    While the raw float32 vectors take <= 128 MiB (e.g. up to 524k items at d=64):
+    ``IVF{nlist},PQ{M}x4fs,Refine(Flat)``:
 
     * ``IVF{nlist}``: ``nlist = min(4 * sqrt(N), N // 39)``, see :func:`default_nlist`
       (e.g. 2 at N=100, 76 at N=3000, 4000 at N=1e6).
@@ -114,25 +119,29 @@ def default_factory(n_items: int, dim: int) -> str:
       (``dim/4`` bytes/item).  Fast-scan keeps the 16-entry look-up tables in SIMD registers,
       several times faster than 8-bit PQ per code; its coarser codes are only used to build a
       shortlist, so their error is corrected by the refine stage.
-    * ``Refine(Flat)`` while the raw float32 vectors take <= 128 MiB (exact re-scoring of
-      the shortlist, e.g. up to 524k items at d=64), else ``Refine(SQ8)`` (8-bit scalar
-      quantised vectors, ``dim`` bytes/item instead of ``4 * dim``, re-scoring error far
-      below the gaps between neighbours' scores).
+    * ``Refine(Flat)``: exact re-scoring of the shortlist with the raw vectors.
 
-    At N=1e6, d=64 this is ``IVF4000,PQ32x4fs,Refine(SQ8)``: 16 B of PQ code + 64 B of SQ8
-    + 8 B of id per item, ~90 bytes/item in total.  OPQ is not used: with a refine stage the
-    PQ only builds the shortlist, and an OPQ rotation left recall unchanged in the
-    benchmark (the IVF partition of rotated data is the same) while multiplying the build
-    time (``docs/results/index.md``).  The search settings start at :func:`default_nprobe`
-    and :func:`default_k_factor` and the build raises them until recall@100 reaches
-    :data:`TARGET_RECALL` on held-out queries (:func:`tune_search_params`).
+    Above that: ``IVF{nlist},SQ8``, the lists hold 8-bit scalar-quantised residuals (``dim``
+    bytes + 8 B of id per item, 73 bytes/item at N=1e6, d=64) that are scanned directly, with
+    no shortlist.  At 1M items on user-like queries that mix several clusters this reaches
+    recall@100 0.98 at about half the single-query latency of the former
+    ``IVF4000,PQ32x4fs,Refine(SQ8)`` (88 B/item), whose 16-byte PQ codes rank the true
+    neighbours so roughly that 0.98 needed a 3200-candidate shortlist (``k_factor`` 32); a
+    32-byte ``PQ64x4fs`` shortlist fixes that but with SQ8 refinement costs 107 B/item, over
+    the 100 B budget, and a 6-bit refinement caps recall@100 at 0.97
+    (``docs/results/index.md`` has the measurements).  OPQ is not used: it left recall
+    unchanged in the benchmark while multiplying the build time.  The search settings start
+    at :func:`default_nprobe` and :func:`default_k_factor` and the build picks the fastest
+    setting that reaches :data:`TARGET_RECALL` on held-out queries
+    (:func:`tune_search_params`).
     """
     if dim < 1:
         raise ValueError("dim must be >= 1")
     nlist = default_nlist(n_items)
+    if n_items * dim * 4 > FLAT_REFINE_MAX_BYTES:
+        return f"IVF{nlist},SQ8"
     m = _pq_subquantizers(dim)
-    refine = "Flat" if n_items * dim * 4 <= FLAT_REFINE_MAX_BYTES else "SQ8"
-    return f"IVF{nlist},PQ{m}x4fs,Refine({refine})"
+    return f"IVF{nlist},PQ{m}x4fs,Refine(Flat)"
 
 
 def factory_nlist(factory: str) -> int | None:
@@ -145,14 +154,14 @@ def default_nprobe(n_items: int, factory: str) -> int:
     """Lists probed per query: 1/128 of them, at least ~2048 items' worth, at most 256.
 
     The starting point of the build's tuning, chosen cheap: at N=1e6 (``IVF4000``) it is
-    32 lists, 0.8% of the corpus, the setting that meets recall@100 >= 0.98 at 0.2 ms p99
-    on well-separated clustered embeddings (``IVF4096,PQ32x4fs,Refine(SQ8)``, nprobe 32,
-    k_factor 4).  Small corpora probe enough lists to scan ~:data:`MIN_SCANNED_ITEMS` codes
+    32 lists, 0.8% of the corpus, enough for recall@100 >= 0.98 on well-separated clustered
+    embeddings (the issue's yardstick, and queries near one cluster centre in the
+    benchmark).  Small corpora probe enough lists to scan ~:data:`MIN_SCANNED_ITEMS` codes
     (up to all of them): that costs microseconds and buys the recall a few dozen lists
-    can't give.  Embeddings whose neighbours spread over more lists need more:
-    :func:`build_from_artifacts` measures recall on held-out queries and doubles ``nprobe``
-    or ``k_factor`` until :data:`TARGET_RECALL` is met (:func:`tune_search_params`), so the
-    cheapest setting that reaches it on the real embeddings is the one recorded
+    can't give.  Embeddings whose neighbours spread over more lists need more (about 91
+    lists at 1M for queries mixing 1-3 clusters): :func:`build_from_artifacts` measures
+    recall on held-out queries and :func:`tune_search_params` picks the fastest setting
+    that reaches :data:`TARGET_RECALL`, so that is the one recorded
     (``docs/results/index.md`` has the measured trade-off).
     """
     nlist = factory_nlist(factory)
@@ -165,10 +174,10 @@ def default_nprobe(n_items: int, factory: str) -> int:
 def default_k_factor(factory: str) -> int:
     """Shortlist multiplier of the refine stage: ``k * k_factor`` candidates are re-scored.
 
-    4 (400 candidates for a top-100): enough on well-separated clusters, and each doubling
-    costs ~0.1-0.3 ms per query at N=1e6 with SQ8 re-scoring.  Dense clusters, where 4-bit
-    PQ orders near neighbours only roughly, need 16-32x, which :func:`tune_search_params`
-    finds.  Searches re-score ``k_factor * max(k, 100)`` candidates
+    4 (400 candidates for a top-100): enough on well-separated clusters; each doubling
+    costs ~0.1-0.4 ms per query at N=1e6 (random reads of the re-scored vectors plus a
+    larger result heap in the fast-scan stage).  Dense clusters, where 4-bit PQ orders near
+    neighbours only roughly, need 16-32x, which :func:`tune_search_params` finds.  Searches re-score ``k_factor * max(k, 100)`` candidates
     (:func:`shortlist_k_factor`).  1 for a factory without a refine stage.
     """
     return DEFAULT_K_FACTOR if "Refine" in factory else 1
@@ -361,6 +370,44 @@ def recall_at_k(
     return hits / (k * len(queries))
 
 
+def _ladder(start: int, stop: int, step: float) -> list[int]:
+    """``start, start*step, ...`` rounded, strictly increasing, capped at (and ending on) ``stop``."""
+    values = [max(1, min(start, stop))]
+    while values[-1] < stop:
+        values.append(min(stop, max(values[-1] + 1, round(values[-1] * step))))
+    return values
+
+
+def search_latency_ms(
+    index: faiss.Index,
+    queries: np.ndarray,
+    k: int,
+    nprobe: int,
+    k_factor: float,
+    warmup: int = 20,
+) -> float:
+    """Median single-query top-``k`` latency (ms) on one OpenMP thread, as the service searches.
+
+    Used by :func:`tune_search_params` only to rank settings that all reach the target
+    recall, so a noisy machine can at worst pick a slightly slower one of them.
+    """
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    params = make_search_params(index, nprobe, shortlist_k_factor(k, k_factor))
+    previous = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        for row in range(min(warmup, len(queries))):
+            index.search(queries[row : row + 1], k, params=params)
+        times = np.empty(len(queries))
+        for row in range(len(queries)):
+            started = time.perf_counter()
+            index.search(queries[row : row + 1], k, params=params)
+            times[row] = time.perf_counter() - started
+    finally:
+        faiss.omp_set_num_threads(previous)
+    return float(np.median(times) * 1e3)
+
+
 def tune_search_params(
     index: faiss.Index,
     embeddings: np.ndarray,
@@ -371,37 +418,63 @@ def tune_search_params(
     target: float,
     exact_rows: np.ndarray | None = None,
     fixed_nprobe: bool = False,
+    latency_queries: int = TUNING_LATENCY_QUERIES,
 ) -> tuple[int, int, float]:
-    """Raise ``nprobe`` and/or ``k_factor`` until recall@``k`` on ``queries`` reaches ``target``.
+    """The fastest ``(nprobe, k_factor)`` whose recall@``k`` on ``queries`` reaches ``target``.
 
-    The static defaults assume well-clustered embeddings; what a model's embeddings need
-    depends on the model: neighbours spread over more lists (needs ``nprobe``) or many items
-    with nearly equal scores (needs a longer refine shortlist, ``k_factor``).  Each round
-    tries doubling either and keeps whichever gains more recall, until the target is met or
-    both are at their maximum (all lists, :data:`MAX_K_FACTOR`); ``fixed_nprobe`` only
-    tunes ``k_factor``.  Returns ``(nprobe, k_factor, recall)``.
+    What a model's embeddings need depends on the model: neighbours spread over more lists
+    (needs ``nprobe``) or many items with nearly equal scores (needs a longer refine
+    shortlist, ``k_factor``).  For each ``k_factor`` of ``k_factor, 2 k_factor, ...`` up to
+    :data:`MAX_K_FACTOR` (only the given one without a refine stage) this finds the smallest
+    ``nprobe`` of the ladder ``nprobe * sqrt(2)^i`` (up to all lists; only the given one if
+    ``fixed_nprobe``) that reaches ``target``, giving up on that ``k_factor`` once a step
+    gains less than :data:`PLATEAU_GAIN`; a longer shortlist only stays a candidate if it
+    needs fewer lists.  These Pareto-optimal settings are then timed on up to
+    ``latency_queries`` single-query searches on one thread (:func:`search_latency_ms`) and
+    the fastest wins (the first, cheapest ``k_factor``, if ``latency_queries`` is 0).  If
+    none reaches ``target``, the setting with the highest recall is returned.  Returns
+    ``(nprobe, k_factor, recall)``.
     """
     nlist = _ivf_nlist(index)
     has_refine = isinstance(_as_index(index), faiss.IndexRefine)
     k = min(k, embeddings.shape[0])
     if exact_rows is None:
         _, exact_rows = exact_topk(embeddings, queries, k)
+    recalls: dict[tuple[int, int], float] = {}
 
     def measure(setting: tuple[int, int]) -> float:
-        return recall_at_k(index, embeddings, queries, k, setting[0], setting[1], exact_rows)
+        if setting not in recalls:
+            recalls[setting] = recall_at_k(
+                index, embeddings, queries, k, setting[0], setting[1], exact_rows
+            )
+        return recalls[setting]
 
-    best = (max(1, min(nprobe, nlist)), int(k_factor))
-    recall = measure(best)
-    while recall < target:
-        options = []
-        if best[0] < nlist and not fixed_nprobe:
-            options.append((min(nlist, best[0] * 2), best[1]))
-        if has_refine and best[1] < MAX_K_FACTOR:
-            options.append((best[0], min(MAX_K_FACTOR, best[1] * 2)))
-        if not options:
+    start = max(1, min(nprobe, nlist))
+    nprobes = [start] if fixed_nprobe else _ladder(start, nlist, math.sqrt(2))
+    k_factors = _ladder(int(k_factor), MAX_K_FACTOR, 2) if has_refine else [int(k_factor)]
+    frontier: list[tuple[int, int]] = []
+    limit = len(nprobes)  # a longer shortlist must need fewer lists to be worth it
+    for factor in k_factors:
+        previous = -1.0
+        for position in range(limit):
+            recall = measure((nprobes[position], factor))
+            if recall >= target:
+                frontier.append((nprobes[position], factor))
+                limit = position
+                break
+            if recall < previous + PLATEAU_GAIN:
+                break  # more lists no longer help at this shortlist length
+            previous = recall
+        if limit == 0:
             break
-        recall, best = max((measure(option), option) for option in options)
-    return best[0], best[1], recall
+    if not frontier:
+        best = max(recalls, key=lambda s: (recalls[s], -s[0], -s[1]))
+        return best[0], best[1], recalls[best]
+    if len(frontier) > 1 and latency_queries > 0:
+        timed = queries[:latency_queries]
+        frontier.sort(key=lambda s: search_latency_ms(index, timed, k, s[0], s[1]))
+    best = frontier[0]
+    return best[0], best[1], recalls[best]
 
 
 def _ivf_nlist(index: faiss.Index) -> int:

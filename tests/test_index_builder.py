@@ -39,12 +39,13 @@ from index_builder import (
     recall_at_k,
     sample_queries,
     set_search_params,
+    tune_search_params,
 )
 
 pytestmark = pytest.mark.usefixtures("one_omp_thread")
 
 N_ITEMS, DIM = 3000, 32
-FACTORY_RE = re.compile(r"^IVF(\d+),PQ(\d+)x4fs,Refine\((Flat|SQ8)\)$")
+FACTORY_RE = re.compile(r"^IVF(\d+),(?:PQ(\d+)x4fs,Refine\(Flat\)|SQ8)$")
 
 
 def clustered_embeddings(n: int, dim: int, seed: int = 0, n_clusters: int = 30) -> np.ndarray:
@@ -128,12 +129,17 @@ def test_default_factory_is_ivf_pq(n_items: int, dim: int) -> None:
     factory = default_factory(n_items, dim)
     match = FACTORY_RE.match(factory)
     assert match, factory
-    nlist, m = int(match.group(1)), int(match.group(2))
-    assert dim % m == 0 and 2 * m >= dim
+    nlist = int(match.group(1))
+    if match.group(2) is not None:  # PQ shortlist + exact refinement
+        m = int(match.group(2))
+        assert dim % m == 0 and 2 * m >= dim
+        assert default_k_factor(factory) > 1
+    else:  # 8-bit residual codes scanned directly: no shortlist
+        assert n_items * dim * 4 > 128 << 20
+        assert default_k_factor(factory) == 1
     assert 1 <= nlist and nlist * 39 <= max(n_items, 39)
     assert nlist <= 4 * n_items**0.5
     assert 1 <= default_nprobe(n_items, factory) <= min(nlist, 256)
-    assert default_k_factor(factory) > 1
     index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     assert faiss.extract_index_ivf(index).nlist == nlist
     assert index.metric_type == faiss.METRIC_INNER_PRODUCT
@@ -142,12 +148,14 @@ def test_default_factory_is_ivf_pq(n_items: int, dim: int) -> None:
 def test_default_factory_by_size() -> None:
     assert default_factory(100, 32) == "IVF2,PQ16x4fs,Refine(Flat)"
     assert default_factory(3000, 32) == "IVF76,PQ16x4fs,Refine(Flat)"
-    # A large corpus keeps 8-bit refinement codes instead of raw floats.
-    assert default_factory(1_000_000, 64) == "IVF4000,PQ32x4fs,Refine(SQ8)"
-    # Search settings start cheap at 1M (0.8% of the corpus scanned, 400 re-scored for a
-    # top-100); the build tunes them up to TARGET_RECALL on the real embeddings.
-    assert default_nprobe(1_000_000, "IVF4000,PQ32x4fs,Refine(SQ8)") == 32
-    assert default_k_factor("IVF4000,PQ32x4fs,Refine(SQ8)") == 4
+    assert default_factory(500_000, 64) == "IVF2828,PQ32x4fs,Refine(Flat)"
+    # A large corpus scans 8-bit residual codes (73 B/item at 1M) instead of keeping floats.
+    assert default_factory(1_000_000, 64) == "IVF4000,SQ8"
+    # Search settings start cheap at 1M (0.8% of the corpus scanned); the build tunes them
+    # up to TARGET_RECALL on the real embeddings.
+    assert default_nprobe(1_000_000, "IVF4000,SQ8") == 32
+    assert default_k_factor("IVF4000,SQ8") == 1
+    assert default_k_factor("IVF4000,PQ32x4fs,Refine(Flat)") == 4
     # Small corpora scan at least ~2048 codes.
     assert default_nprobe(3000, "IVF76,PQ16x4fs,Refine(Flat)") == 52
 
@@ -161,6 +169,52 @@ def test_build_index_small_corpora(n_items: int) -> None:
     queries = sample_queries(emb, 50, seed=1)
     nprobe = default_nprobe(n_items, factory)
     assert recall_at_k(index, emb, queries, 10, nprobe, default_k_factor(factory)) >= 0.95
+
+
+def test_sq8_factory_builds_and_searches() -> None:
+    """The large-corpus layout (``IVF...,SQ8``, no refine stage) on a small corpus."""
+    emb = clustered_embeddings(N_ITEMS, DIM)
+    index = build_index(emb, "IVF76,SQ8")
+    queries = sample_queries(emb, 100, seed=2)
+    # Per-call parameters work without a refine stage (k_factor is ignored).
+    assert recall_at_k(index, emb, queries, 100, 76, 1) >= 0.95
+    nprobe, k_factor, recall = tune_search_params(
+        index, emb, queries, 100, 4, 1, target=0.95, latency_queries=10
+    )
+    assert k_factor == 1 and recall >= 0.95 and 4 <= nprobe <= 76
+
+
+def test_tuner_returns_a_pareto_optimal_setting() -> None:
+    emb = clustered_embeddings(N_ITEMS, DIM, seed=11)
+    index = build_index(emb, default_factory(N_ITEMS, DIM))
+    queries = sample_queries(emb, 150, seed=12)
+    _, exact = exact_topk(emb, queries, 100)
+    target = 0.97
+    nprobe, k_factor, recall = tune_search_params(
+        index, emb, queries, 100, 2, 1, target, exact_rows=exact, latency_queries=0
+    )
+    assert recall >= target
+    assert recall == recall_at_k(index, emb, queries, 100, nprobe, k_factor, exact)
+    # Neither knob can be lowered one step and still reach the target.
+    if nprobe > 2:
+        smaller = max(2, round(nprobe / 2**0.5))
+        assert recall_at_k(index, emb, queries, 100, smaller, k_factor, exact) < target
+    if k_factor > 1:
+        assert recall_at_k(index, emb, queries, 100, nprobe, k_factor // 2, exact) < target
+    # Timing the candidates only chooses among settings that reach the target.
+    timed = tune_search_params(index, emb, queries, 100, 2, 1, target, exact, latency_queries=20)
+    assert timed[2] >= target
+
+
+def test_tuner_reports_the_best_setting_when_the_target_is_unreachable() -> None:
+    emb = clustered_embeddings(1000, DIM, seed=13)
+    index = build_index(emb, "IVF25,PQ16x4fs")  # no refine stage: 4-bit PQ error stays
+    queries = sample_queries(emb, 60, seed=14)
+    nprobe, k_factor, recall = tune_search_params(index, emb, queries, 100, 1, 1, 1.01)
+    assert k_factor == 1 and 0 < recall < 1.01 and 1 <= nprobe <= 25
+    assert recall == max(
+        recall_at_k(index, emb, queries, 100, p, 1) for p in (1, 2, 3, 4, 6, 8, 11, 16, 23, 25)
+    )
 
 
 def test_set_search_params_mutates_index() -> None:
