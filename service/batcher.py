@@ -152,18 +152,43 @@ class MicroBatcher:
     async def _run(self, batch: list[_Pending]) -> None:
         started = time.perf_counter()
         engine = batch[0].engine
-        timings: dict[str, float] = {}
-        counts: dict[str, int] = {}
+        loop = asyncio.get_running_loop()
+        now = time.time()
+
+        def deliver(
+            group: list[_Pending],
+            results: list[RecallResult],
+            timings: dict[str, float],
+            counts: dict[str, int],
+        ) -> None:
+            # On the event loop: one engine call's results and metrics.
+            if self.metrics is not None:
+                self.metrics.batch_size.observe(len(group))
+                for stage, seconds in timings.items():
+                    self.metrics.stage_latency.labels(stage).observe(seconds)
+                for result_kind, label in (("xhat_hit", "hit"), ("xhat_miss", "miss")):
+                    if counts.get(result_kind):
+                        self.metrics.xhat_cache.labels(label).inc(counts[result_kind])
+            for pending, result in zip(group, results, strict=True):
+                if not pending.future.done():
+                    pending.future.set_result(
+                        BatchOutcome(result, len(group), started - pending.enqueued, timings)
+                    )
+
+        def compute() -> None:
+            # In a worker thread.  Requests whose xhat is cached are computed and answered
+            # first, so they never wait for the reverse process of the batch's misses.
+            for positions in engine.cache_groups([p.session for p in batch]):
+                group = [batch[i] for i in positions]
+                timings: dict[str, float] = {}
+                counts: dict[str, int] = {}
+                results = engine.recall_batch(
+                    [p.request for p in group], [p.session for p in group], now, timings, counts
+                )
+                loop.call_soon_threadsafe(deliver, group, results, timings, counts)
+
         try:
-            results = await anyio.to_thread.run_sync(
-                engine.recall_batch,
-                [p.request for p in batch],
-                [p.session for p in batch],
-                time.time(),
-                timings,
-                counts,
-                limiter=self._limiter,
-            )
+            await anyio.to_thread.run_sync(compute, limiter=self._limiter)
         except Exception as exc:
             log.exception("recall batch of %d failed", len(batch))
             for pending in batch:
@@ -171,19 +196,6 @@ class MicroBatcher:
                     pending.future.set_exception(exc)
                     # Retrieved or not, the request logged/handled it: no asyncio warning.
                     pending.future.exception()
-        else:
-            if self.metrics is not None:
-                self.metrics.batch_size.observe(len(batch))
-                for stage, seconds in timings.items():
-                    self.metrics.stage_latency.labels(stage).observe(seconds)
-                for result_kind, label in (("xhat_hit", "hit"), ("xhat_miss", "miss")):
-                    if counts.get(result_kind):
-                        self.metrics.xhat_cache.labels(label).inc(counts[result_kind])
-            for pending, result in zip(batch, results, strict=True):
-                if not pending.future.done():
-                    pending.future.set_result(
-                        BatchOutcome(result, len(batch), started - pending.enqueued, timings)
-                    )
         finally:
             self._in_flight -= 1
             self._wakeup.set()

@@ -158,6 +158,16 @@ class RecallEngine:
             timings["filter"] = time.perf_counter() - searched
         return out
 
+    def cache_groups(self, sessions: Sequence[Session]) -> list[list[int]]:
+        """Positions of ``sessions`` in the order to compute them: those whose ``xhat`` is
+        cached first, then the others (one group when all or none are cached, or without
+        a cache).  A hit then never waits for another request's reverse process."""
+        everyone = list(range(len(sessions)))
+        flags = self.tower.xhat_cached([self.tower.tokens_for(s) for s in sessions])
+        if flags is None or all(flags) or not any(flags):
+            return [everyone]
+        return [[i for i in everyone if flags[i]], [i for i in everyone if not flags[i]]]
+
     def popular_items(
         self, k: int, exclude: set[str] | frozenset[str] = frozenset()
     ) -> list[RecallItem]:

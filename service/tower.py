@@ -98,6 +98,10 @@ class XhatCache:
                 found.append(row)
             return found
 
+    def contains_many(self, keys: Sequence[bytes]) -> list[bool]:
+        with self._lock:
+            return [key in self._rows for key in keys]
+
     def put_many(self, keys: Sequence[bytes], rows: np.ndarray) -> None:
         with self._lock:
             for key, row in zip(keys, rows, strict=True):
@@ -413,6 +417,18 @@ class UserTowerRunner:
         if timings is not None:
             timings["attention"] = time.perf_counter() - started
         return np.ascontiguousarray(embedding, dtype=np.float32)
+
+    def xhat_cached(self, token_lists: Sequence[Sequence[int]]) -> list[bool] | None:
+        """Per sequence, whether its ``xhat`` is in the cache now (None without a cache).
+
+        A hint for scheduling only: an entry may be evicted before it is read, and is then
+        computed like any miss.
+        """
+        if self.xhat_cache is None:
+            return None
+        stamps = [[0.0] * len(tokens) for tokens in token_lists]
+        item_seq, _ = pad_batch(token_lists, stamps, 0.0, self.max_seq_len)
+        return self.xhat_cache.contains_many([self.xhat_key(row) for row in item_seq])
 
     def xhat_key(self, item_seq_row: np.ndarray) -> bytes:
         """Cache key of one padded ``item_seq`` row, exactly as fed to the graph.

@@ -26,6 +26,7 @@ from model.export import OPSET, can_split, export_onnx, export_split_onnx
 from model.fast_tower import FastAttentionPart, FastDiffusionPart, FastTower
 from model.t2diff import T2Diff, T2DiffConfig
 from service.app import create_app
+from service.core import RecallRequest
 from service.settings import Settings
 from service.tower import UserTowerRunner, XhatCache
 
@@ -302,3 +303,25 @@ def test_a_hot_swap_never_serves_the_old_versions_xhat(links: Path, redis_url: s
         with TestClient(create_app(_settings(links, redis_url, 0))) as fresh_b:
             _same_answer(on_b, _recall(fresh_b, user))
         assert [i["score"] for i in on_b["items"]] != [i["score"] for i in on_a["items"]]
+
+
+def test_cached_rows_are_computed_first(split_export: Path, tmp_path: Path) -> None:
+    """``RecallEngine.cache_groups``: a batch's hits form their own engine call, ahead of
+    its misses, so a hit never waits for another request's reverse process."""
+    from contracts.sessions import Session
+    from service.core import RecallEngine
+
+    index_build = build_tiny_index(split_export, tmp_path / "index")
+    from index_builder.loaded import load_index
+
+    engine = RecallEngine(
+        UserTowerRunner(split_export, xhat_cache_size=100), load_index(index_build)
+    )
+    known = Session([item_name(1), item_name(2)], [1.0, 2.0])
+    new = Session([item_name(3)], [1.0])
+    assert engine.cache_groups([known, new]) == [[0, 1]]  # nothing cached: one call
+    engine.recall_batch([RecallRequest("u", 5)], [known], 10.0)
+    assert engine.cache_groups([new, known, new]) == [[1], [0, 2]]
+    assert engine.cache_groups([known]) == [[0]]
+    plain = RecallEngine(UserTowerRunner(split_export), load_index(index_build))
+    assert plain.cache_groups([known, new]) == [[0, 1]]  # no cache: one call
