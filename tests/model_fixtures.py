@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from model.base import Batch, SequentialRecommender
+from model.t2diff import T2Diff, T2DiffConfig
 
 N_ITEMS = 30
 BATCH = 8
@@ -77,3 +78,25 @@ def assert_onnx_matches(model: SequentialRecommender, path: Path, seeds: tuple[i
         )
         assert got.shape == expected.shape
         assert np.abs(got - expected).max() < 1e-4
+
+
+def perturbed_t2diff(tiny: dict[str, object], seed: int = 0, **overrides: object) -> T2Diff:
+    """A small T2Diff in eval mode with every parameter moved off its initial value (so
+    the parity tests see non-trivial weights: zero-initialised biases, unit norms)."""
+    torch.manual_seed(seed)
+    model = T2Diff(40, T2DiffConfig(**{**tiny, **overrides})).eval()  # type: ignore[arg-type]
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.1)
+    return model
+
+
+def tower_inputs(model: T2Diff, batch: int, seed: int = 1) -> tuple[torch.Tensor, ...]:
+    """``(item_seq, time_lag, noise)`` for ``model``'s tower; row 0 is half padding."""
+    gen = torch.Generator().manual_seed(seed)
+    length = model.config.max_seq_len
+    item_seq = torch.randint(1, model.n_items + 1, (batch, length), generator=gen)
+    item_seq[0, : length // 2] = 0  # a short, left-padded history
+    time_lag = torch.rand(batch, length, generator=gen) * 1e6
+    noise = torch.randn(model.noise_shape, generator=gen)
+    return item_seq, time_lag, noise

@@ -12,32 +12,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from model_fixtures import perturbed_t2diff, tower_inputs
 
 from model.base import Batch
 from model.fast_tower import FastTower
-from model.t2diff import T2Diff, T2DiffConfig
+from model.t2diff import T2Diff
 
 TOL = 1e-4
 TINY = {"dim": 16, "unet_width": 8, "max_seq_len": 12, "session_len": 4, "diffusion_steps": 4}
 
 
 def _model(seed: int = 0, **overrides: object) -> T2Diff:
-    torch.manual_seed(seed)
-    model = T2Diff(40, T2DiffConfig(**{**TINY, **overrides})).eval()  # type: ignore[arg-type]
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(torch.randn_like(param) * 0.1)
-    return model
+    return perturbed_t2diff(TINY, seed, **overrides)
 
 
-def _inputs(model: T2Diff, batch: int, seed: int = 1) -> tuple[torch.Tensor, ...]:
-    gen = torch.Generator().manual_seed(seed)
-    length = model.config.max_seq_len
-    item_seq = torch.randint(1, model.n_items + 1, (batch, length), generator=gen)
-    item_seq[0, : length // 2] = 0  # a short, left-padded history
-    time_lag = torch.rand(batch, length, generator=gen) * 1e6
-    noise = torch.randn(model.noise_shape, generator=gen)
-    return item_seq, time_lag, noise
+_inputs = tower_inputs
 
 
 @pytest.mark.parametrize("mode", ["auto", "gather", "matmul"])
