@@ -371,10 +371,16 @@ def recall_at_k(
 
 
 def _ladder(start: int, stop: int, step: float) -> list[int]:
-    """``start, start*step, ...`` rounded, strictly increasing, capped at (and ending on) ``stop``."""
-    values = [max(1, min(start, stop))]
+    """``round(start * step**i)``, strictly increasing, capped at (and ending on) ``stop``.
+
+    With ``step = sqrt(2)`` from 32: 32, 45, 64, 91, 128, 181, 256, ...
+    """
+    start = max(1, min(start, stop))
+    values = [start]
+    power = 1
     while values[-1] < stop:
-        values.append(min(stop, max(values[-1] + 1, round(values[-1] * step))))
+        values.append(min(stop, max(values[-1] + 1, round(start * step**power))))
+        power += 1
     return values
 
 
