@@ -382,7 +382,8 @@ def plot(csv_path: Path, out: Path) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("p99 single-query latency, top-100, 1 thread (ms, log)")
     ax.set_ylabel("recall@100 vs exact (IndexFlatIP)")
-    ax.set_title("IVF-PQ fast-scan + refine, d=64 synthetic clustered (labels: nprobe)")
+    ax.set_title("FAISS IVF indexes, d=64: synthetic (mixture queries) and ML-1M (labels: nprobe)",
+                 fontsize=10)  # fmt: skip
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
