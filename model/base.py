@@ -6,8 +6,10 @@ The trainer calls ``loss``; the evaluator calls ``full_sort_scores``; the export
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -44,6 +46,34 @@ class SequentialRecommender(nn.Module):
         super().__init__()
         self.n_items = n_items
         self.dim = dim
+        self.negatives = 0  # 0: full softmax in ``softmax_loss``
+        # log Q(i) of the sampled softmax's proposal over item tokens (row 0 = padding).
+        self.register_buffer("sample_log_q", torch.zeros(n_items + 1), persistent=False)
+
+    def use_sampled_softmax(
+        self, negatives: int, popularity: np.ndarray | None = None, alpha: float = 0.75
+    ) -> None:
+        """Train with a sampled softmax of ``negatives`` items drawn from
+        ``Q(i) ~ (count_i + 1) ** alpha`` (uniform without ``popularity``), shared by the
+        batch, with the log-Q correction: the corpus does not fit a full softmax.
+
+        The proposal favours popular items (the hard negatives of a skewed corpus); the
+        correction subtracts ``log(negatives * Q(i))`` from every candidate's logit, so
+        the loss stays a consistent estimate of the full softmax (Bengio & Senecal 2008;
+        Yi et al., RecSys 2019), as TensorFlow's ``sampled_softmax_loss`` does.
+        """
+        if negatives < 0:
+            raise ValueError("negatives must be >= 0")
+        self.negatives = negatives
+        weights = torch.ones(self.n_items + 1, dtype=torch.float64)
+        if popularity is not None:
+            counts = torch.as_tensor(np.asarray(popularity, dtype=np.float64))
+            if counts.shape != weights.shape:
+                raise ValueError(f"popularity has {counts.shape[0]} rows, not {self.n_items + 1}")
+            weights = (counts.clamp(min=0) + 1.0) ** alpha
+        weights[0] = 0.0  # padding is never sampled
+        log_q = torch.log(weights / weights.sum()).float()
+        self.sample_log_q.copy_(log_q.to(self.sample_log_q.device))
 
     def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Training loss and its parts (detached tensors, so logging never syncs the GPU)."""
@@ -67,10 +97,24 @@ class SequentialRecommender(nn.Module):
         return self.user_embedding(batch, noise) @ self.item_embeddings().T
 
     def softmax_loss(self, user: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Full-softmax cross-entropy over the corpus (padding excluded)."""
-        logits = user @ self.item_embeddings().T
-        logits[:, 0] = torch.finfo(logits.dtype).min
-        return nn.functional.cross_entropy(logits.float(), target)
+        """Cross-entropy of the next item: over the whole corpus (padding excluded), or the
+        sampled softmax of :meth:`use_sampled_softmax` when it is on."""
+        items = self.item_embeddings()
+        if self.negatives <= 0:
+            logits = user @ items.T
+            logits[:, 0] = torch.finfo(logits.dtype).min
+            return nn.functional.cross_entropy(logits.float(), target)
+        log_q = self.sample_log_q
+        sampled = torch.multinomial(log_q.exp(), self.negatives, replacement=True)
+        # Importance weights: (1/N) sum_j exp(s_j) / Q(j) estimates the other items' share of
+        # the partition function, so each negative's logit loses log(N Q(j)); the positive
+        # keeps its exact logit, and a negative that is the target is masked (it is counted
+        # exactly already).
+        positive = (user * items[target]).sum(1, keepdim=True)
+        negative = user @ items[sampled].T - (log_q[sampled] + math.log(self.negatives))[None, :]
+        negative = negative.masked_fill(sampled[None, :] == target[:, None], -1e9)
+        logits = torch.cat([positive, negative], dim=1).float()
+        return nn.functional.cross_entropy(logits, torch.zeros_like(target))
 
 
 class ExportedTower(nn.Module):

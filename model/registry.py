@@ -69,7 +69,7 @@ DIMEREC_VARIANTS: dict[str, dict[str, Any]] = {
 
 MODELS: dict[str, ModelSpec] = {
     **{
-        name: ModelSpec(T2DiffConfig, _plain(T2Diff), fixed)
+        name: ModelSpec(T2DiffConfig, T2Diff, fixed)  # takes the popularity (sampled softmax)
         for name, fixed in T2DIFF_VARIANTS.items()
     },
     **{

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -54,6 +55,9 @@ class T2DiffConfig:
     # f in (0, 1): the tower's xhat comes from a second, gradient-free U-Net pass at
     # r ~ U[floor(f T), T), closer to what serving feeds it.  L_KL is unchanged.
     tower_xhat_min_step_frac: float = 0.0
+    # 0: full softmax over the corpus (ML-1M fits); N: a sampled softmax with N negatives
+    # drawn by popularity ** 0.75 and the log-Q correction, for corpora that do not fit.
+    negatives: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -99,10 +103,16 @@ class SelfAttentionBlock(nn.Module):
 class T2Diff(SequentialRecommender):
     model_name = "t2diff"
 
-    def __init__(self, n_items: int, config: T2DiffConfig) -> None:
+    def __init__(
+        self, n_items: int, config: T2DiffConfig, popularity: np.ndarray | None = None
+    ) -> None:
+        """``popularity`` (train counts per token) shapes the sampled softmax's proposal
+        when ``config.negatives > 0``; the full softmax ignores it."""
         super().__init__(n_items, config.dim)
         if not 0.0 <= config.tower_xhat_min_step_frac < 1.0:
             raise ValueError("t2diff needs 0 <= tower_xhat_min_step_frac < 1")
+        if config.negatives > 0:
+            self.use_sampled_softmax(config.negatives, popularity)
         self.config = config
         d = config.dim
         self.item_emb = nn.Embedding(n_items + 1, d, padding_idx=0)

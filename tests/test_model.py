@@ -237,3 +237,54 @@ def test_tower_xhat_from_high_steps_option() -> None:
     for bad in (-0.5, 1.0):
         with pytest.raises(ValueError, match="tower_xhat_min_step_frac"):
             T2Diff(30, T2DiffConfig(tower_xhat_min_step_frac=bad))
+
+
+def test_sampled_softmax_with_log_q_correction() -> None:
+    """``negatives=N``: N negatives drawn by popularity ** 0.75 with the log-Q correction;
+    it trains, never samples padding, and with the corpus drawn many times over it
+    estimates the full softmax's loss."""
+    from model.registry import build_model, make_config
+
+    n_items = 30
+    popularity = np.arange(n_items + 1, dtype=np.float64)
+    popularity[0] = 0
+    tiny = {"dim": 16, "unet_width": 8, "max_seq_len": 12, "session_len": 4, "diffusion_steps": 5}
+    torch.manual_seed(0)
+    model = build_model(
+        "t2diff", n_items, make_config("t2diff", {**tiny, "negatives": 8}), popularity
+    )
+    q = model.sample_log_q.exp()
+    assert float(q[0]) == 0.0 and float(q.sum()) == pytest.approx(1.0)
+    assert float(q[30] / q[1]) == pytest.approx(((30 + 1) / (1 + 1)) ** 0.75, rel=1e-5)
+    batch = Batch(
+        item_seq=torch.randint(1, n_items + 1, (16, 12)),
+        time_lag=torch.zeros(16, 12),
+        target=torch.randint(1, n_items + 1, (16,)),
+    )
+    user = torch.randn(16, 16) * 0.3
+    full = full_softmax_loss(model, user, batch.target)
+    model.negatives = 4000  # many draws: the corrected sampled loss approaches the full one
+    torch.manual_seed(3)
+    sampled = float(model.softmax_loss(user, batch.target))
+    assert sampled == pytest.approx(full, abs=0.05)
+    model.negatives = 8
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    torch.manual_seed(1)
+    first = None
+    for _ in range(30):
+        loss, _ = model.loss(batch)
+        first = float(loss) if first is None else first
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert float(loss) < 0.9 * first
+
+
+def full_softmax_loss(model: T2Diff, user: torch.Tensor, target: torch.Tensor) -> float:
+    negatives, model.negatives = model.negatives, 0
+    try:
+        with torch.no_grad():
+            return float(model.softmax_loss(user, target))
+    finally:
+        model.negatives = negatives
