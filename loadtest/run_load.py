@@ -836,13 +836,15 @@ def wait_for_quiet(
 # --------------------------------------------------------------------------- local stack
 
 
-# Serving settings for a small CPU box: one ORT and one FAISS thread per call and as many
-# concurrent engine calls as cores, OpenMP threads that sleep instead of spinning, quiet
-# logs, no artifact polling.  --service-env overrides any of them.
+# Serving settings for a small CPU box: one ORT and one FAISS thread per call and one
+# concurrent engine call more than there are cores (while one call's Python side holds the
+# GIL, the others keep the cores busy: load.md runs d-g, 3 on 2 cores), OpenMP threads
+# that sleep instead of spinning, quiet logs, no artifact polling.  --service-env overrides
+# any of them.
 SERVICE_DEFAULTS = {
     "T2DIFF_ORT_INTRA_THREADS": "1",
     "T2DIFF_FAISS_THREADS": "1",
-    "T2DIFF_INFERENCE_CONCURRENCY": str(max(1, min(os.cpu_count() or 1, 4))),
+    "T2DIFF_INFERENCE_CONCURRENCY": str(max(1, min((os.cpu_count() or 1) + 1, 4))),
     "T2DIFF_LOG_LEVEL": "warning",
     "T2DIFF_WATCH_INTERVAL_S": "0",
     "OMP_WAIT_POLICY": "PASSIVE",
