@@ -111,6 +111,8 @@ class T2Diff(SequentialRecommender):
         super().__init__(n_items, config.dim)
         if not 0.0 <= config.tower_xhat_min_step_frac < 1.0:
             raise ValueError("t2diff needs 0 <= tower_xhat_min_step_frac < 1")
+        if config.negatives < 0:
+            raise ValueError("t2diff needs negatives >= 0 (0 = full softmax)")
         if config.negatives > 0:
             self.use_sampled_softmax(config.negatives, popularity)
         self.config = config

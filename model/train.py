@@ -129,8 +129,6 @@ def train_run(
     config = config or TrainConfig()
     run_dir = Path(run_dir)
     dist_info = Distributed.from_env()
-    if dist_info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
     # Same seed on every rank: identical initial weights (DDP also broadcasts rank 0's).
     torch.manual_seed(config.seed)
     np.random.seed(config.seed)
@@ -153,6 +151,8 @@ def train_run(
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     if dist_info.is_main:
+        # Only now: a bad data file or model option leaves no run directory behind.
+        run_dir.mkdir(parents=True, exist_ok=True)
         _write_json(run_dir / "run.json", meta)
         np.save(run_dir / "item_popularity.npy", popularity[1:])
 

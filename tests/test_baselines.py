@@ -179,3 +179,18 @@ def test_train_run_smoke(name: str, tmp_path: Path) -> None:
     assert (run_dir / "model.pt").is_file()
     metrics = evaluate_run(run_dir, device="cpu")
     assert 0.0 <= metrics[name]["test"]["recall@20"] <= 1.0
+
+
+def test_bad_model_option_leaves_no_run_behind(tmp_path: Path) -> None:
+    """An option the model refuses fails before anything is written."""
+    from model.data import write_synthetic
+    from model.train import DataSource, TrainConfig, train_run
+
+    path = write_synthetic(tmp_path / "data", n_users=40, n_items=30, n_clusters=2)
+    run_dir = tmp_path / "run"
+    with pytest.raises(ValueError, match="negatives"):
+        train_run(
+            DataSource(str(path)), run_dir, "t2diff", {"dim": 16, "negatives": -1},
+            TrainConfig(epochs=1, progress=False, device="cpu"),
+        )  # fmt: skip
+    assert not run_dir.exists()

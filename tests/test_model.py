@@ -280,6 +280,10 @@ def test_sampled_softmax_with_log_q_correction() -> None:
         loss.backward()
         optimizer.step()
     assert float(loss) < 0.9 * first
+    with pytest.raises(ValueError, match="negatives"):
+        build_model("t2diff", n_items, make_config("t2diff", {**tiny, "negatives": -1}))
+    with pytest.raises(ValueError, match="rows"):
+        model.use_sampled_softmax(8, popularity[:-1])
 
 
 def full_softmax_loss(model: T2Diff, user: torch.Tensor, target: torch.Tensor) -> float:
