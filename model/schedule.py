@@ -12,7 +12,7 @@ from typing import Literal
 import torch
 
 ScheduleKind = Literal["exponential", "linear", "log", "cosine"]
-SigmaMode = Literal["std", "variance"]
+SigmaMode = Literal["std", "variance", "none"]
 
 
 def make_betas(kind: ScheduleKind, steps: int, a: float = 1e-2, b: float = 4.5) -> torch.Tensor:
@@ -61,9 +61,15 @@ class NoiseSchedule:
         self.posterior_c0 = betas * abar_prev.sqrt() / (1 - abar)
         self.posterior_ct = (1 - abar_prev) * alphas.sqrt() / (1 - abar)
         beta_tilde = betas * (1 - abar_prev) / (1 - abar)
-        # The authors' code scales the step noise by the variance instead of the standard
-        # deviation (a quirk kept as an option for the ablation).
-        self.sigma = beta_tilde if sigma_mode == "variance" else beta_tilde.sqrt()
+        # "std" is DDPM's ancestral sampling.  "variance" scales the step noise by beta_tilde
+        # itself, as the T2Diff authors' code and DimeRec's Algorithm 2 (line 7) do.  "none"
+        # takes the posterior mean only (a deterministic reverse process, as DiffRec serves).
+        if sigma_mode not in ("std", "variance", "none"):
+            raise ValueError(f"unknown sigma_mode {sigma_mode!r}: std, variance or none")
+        if sigma_mode == "none":
+            self.sigma = torch.zeros_like(beta_tilde)
+        else:
+            self.sigma = beta_tilde if sigma_mode == "variance" else beta_tilde.sqrt()
 
     @classmethod
     def create(

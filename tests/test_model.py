@@ -127,6 +127,21 @@ def test_forward_and_reverse_step() -> None:
     torch.testing.assert_close(step, (mean + schedule.sigma[10] * noise).float())
 
 
+def test_sigma_modes() -> None:
+    """std = sqrt(beta_tilde) (DDPM), variance = beta_tilde (the authors' code, DimeRec's
+    Algorithm 2), none = the posterior mean only; an unknown mode is refused."""
+    std, variance, none = (
+        NoiseSchedule.create("cosine", 20, sigma_mode=m) for m in ("std", "variance", "none")
+    )
+    torch.testing.assert_close(variance.sigma, std.sigma**2)
+    assert bool((none.sigma == 0).all())
+    z0, zt, noise = torch.randn(3, 8), torch.randn(3, 8), torch.randn(3, 8)
+    mean = none.posterior_c0[5] * z0 + none.posterior_ct[5] * zt
+    torch.testing.assert_close(none.step(z0, zt, 5, noise), mean.float())
+    with pytest.raises(ValueError, match="sigma_mode"):
+        NoiseSchedule.create("cosine", 20, sigma_mode="half")  # type: ignore[arg-type]
+
+
 def test_unet_step_shapes_and_reverse_process_is_seeded() -> None:
     torch.manual_seed(0)
     model = T2Diff(30, T2DiffConfig(dim=16, unet_width=8, max_seq_len=12, session_len=4)).eval()
