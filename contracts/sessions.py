@@ -13,6 +13,11 @@ Layout (documented in README.md, "Sessions in Redis"):
   in the same atomic script as the push: a retried event whose key still exists is not
   pushed twice.  The user id's length makes the key unambiguous even when ids contain
   ``:``.  Nothing reads these keys' values.
+* key ``{prefix}:active`` is a Redis ZSET of user ids scored by the timestamp of their
+  newest behaviour (``ZADD GT``: a late, older event never lowers it).  ``POST /events``
+  and ``t2diff sessions load`` maintain it; the service reads its top to warm the xhat
+  cache of the most recently active users when a model version is loaded.  It is capped at
+  ``ACTIVE_USERS_CAP`` members (the least recent dropped), so it stays bounded.
 
 Values are parsed strictly: an element that does not match the layout is skipped and
 counted, never evaluated.
@@ -26,6 +31,9 @@ from dataclasses import dataclass, field
 DEFAULT_PREFIX = "t2diff"
 DEFAULT_MAX_LEN = 200
 MAX_ID_LENGTH = 128
+# Members kept in the activity ZSET: far more than any warm reads (XHAT_WARM_USERS), and
+# ~100 MB of Redis at most.
+ACTIVE_USERS_CAP = 1_000_000
 
 
 def session_key(user_id: str, prefix: str = DEFAULT_PREFIX) -> str:
@@ -35,6 +43,11 @@ def session_key(user_id: str, prefix: str = DEFAULT_PREFIX) -> str:
 def event_key(user_id: str, event_id: str, prefix: str = DEFAULT_PREFIX) -> str:
     """Idempotency key of one written event (see the module docstring)."""
     return f"{prefix}:event:{len(user_id)}:{user_id}:{event_id}"
+
+
+def active_users_key(prefix: str = DEFAULT_PREFIX) -> str:
+    """The ZSET of user ids by last-activity timestamp (see the module docstring)."""
+    return f"{prefix}:active"
 
 
 def encode_event(item_id: str, timestamp: float) -> str:

@@ -1317,6 +1317,22 @@ def run_step(
                     for result in ("hit", "miss")
                     for key in [("t2diff_xhat_cache_total", (("result", result),))]
                 },
+                # The startup warm (service/xhat_warm.py): what it computed, how long it
+                # took (gauges of the last warm), and the background recompute after writes.
+                "xhat_warm": {
+                    "sessions": after.get(("t2diff_xhat_warm_sessions", ()), 0.0),
+                    "seconds": round(after.get(("t2diff_xhat_warm_seconds", ()), 0.0), 2),
+                    "outcomes": {
+                        "/".join(v for _, v in labels): value
+                        for (name, labels), value in after.items()
+                        if name == "t2diff_xhat_warm_total" and value
+                    },
+                },
+                "xhat_recompute": {
+                    result: after.get(key, 0.0) - metrics_before.get(key, 0.0)
+                    for result in ("computed", "unchanged", "dropped", "failed", "skipped")
+                    for key in [("t2diff_xhat_recompute_total", (("result", result),))]
+                },
             }
         except OSError as exc:
             summary["metrics"] = {"error": str(exc)}
@@ -1344,6 +1360,12 @@ def run_step(
                 f"run_load: xhat cache {cache['hit']:.0f} hits, {cache['miss']:.0f} misses "
                 f"(hit rate {cache['hit'] / (cache['hit'] + cache['miss']):.3f})"
             )
+        warm = summary["metrics"]["xhat_warm"]  # type: ignore[index]
+        recompute = summary["metrics"]["xhat_recompute"]  # type: ignore[index]
+        print(
+            f"run_load: xhat warm {warm['outcomes']} {warm['sessions']:.0f} sessions in "
+            f"{warm['seconds']:.1f}s; background recompute {recompute}"
+        )
     print(f"run_load: report {step.html}, plot {step.plot}, stats {stats_csv}")
     if args.results_csv:
         append_result(

@@ -342,6 +342,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             ) from exc
         metrics.events.labels("written").inc(written)
         metrics.events.labels("duplicate").inc(duplicates)
+        if written and state.recomputer is not None:
+            # The users' sessions changed: compute their new xhat before they next recall.
+            state.recomputer.submit(dict.fromkeys(e.user_id for e in new))
         _log_fields(request).update(events=len(new), written=written, duplicates=duplicates)
         return {"written": written, "duplicates": duplicates}
 

@@ -93,6 +93,39 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        self.xhat_cache_entries = Gauge(
+            "t2diff_xhat_cache_entries",
+            "Entries in the serving version's xhat cache",
+            registry=r,
+        )
+        self.xhat_warm = Counter(
+            "t2diff_xhat_warm_total",
+            "Warms of a loaded version's xhat cache, by trigger (startup, swap) and outcome "
+            "(complete, time_bound, failed, off, no_cache)",
+            ["trigger", "outcome"],
+            registry=r,
+        )
+        self.xhat_warm_sessions = Gauge(
+            "t2diff_xhat_warm_sessions",
+            "Sessions whose xhat the last warm computed",
+            registry=r,
+        )
+        self.xhat_warm_seconds = Gauge(
+            "t2diff_xhat_warm_seconds", "Duration of the last xhat warm", registry=r
+        )
+        self.xhat_recompute = Counter(
+            "t2diff_xhat_recompute_total",
+            "Users queued for a background xhat recompute after an event write, by result: "
+            "computed, unchanged (already cached or no known item), dropped (queue full), "
+            "failed, skipped (no cache)",
+            ["result"],
+            registry=r,
+        )
+        self.xhat_recompute_queue = Gauge(
+            "t2diff_xhat_recompute_queue",
+            "Users waiting for a background xhat recompute",
+            registry=r,
+        )
         self.redis_errors = Counter(
             "t2diff_redis_errors_total",
             "Failed Redis operations, by operation and error kind",

@@ -22,8 +22,10 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from contracts.sessions import (
+    ACTIVE_USERS_CAP,
     DEFAULT_PREFIX,
     Session,
+    active_users_key,
     decode_session,
     encode_event,
     event_key,
@@ -38,20 +40,24 @@ log = logging.getLogger(__name__)
 
 # Append one user's events atomically (a Lua script runs alone on the server): for each
 # event, if it carries an id, SET its idempotency key NX with a TTL and skip the event when
-# the key already existed; RPUSH the others; LTRIM the list to its cap.  Returns the number
-# pushed.  KEYS[1] = the session list, KEYS[2..] = the idempotency keys of the events that
-# have an id, in order; ARGV = max_len, ttl, then per event its encoded value and "1"/"0"
-# (has an idempotency key).
+# the key already existed; RPUSH the others; LTRIM the list to its cap; when something was
+# pushed, raise the user's score in the activity ZSET to the newest event's timestamp
+# (ZADD GT) and cap the ZSET.  Returns the number pushed.  KEYS[1] = the session list,
+# KEYS[2] = the activity ZSET, KEYS[3..] = the idempotency keys of the events that have an
+# id, in order; ARGV = max_len, ttl, activity cap, user id, newest timestamp, then per event
+# its encoded value and "1"/"0" (has an idempotency key).
 APPEND_EVENTS_LUA = """
 local max_len = tonumber(ARGV[1])
 local ttl = tonumber(ARGV[2])
-local n = (#ARGV - 2) / 2
-local next_key = 2
+local active_cap = tonumber(ARGV[3])
+local fixed = 5
+local n = (#ARGV - fixed) / 2
+local next_key = 3
 local pushed = 0
 for i = 1, n do
-  local value = ARGV[1 + 2 * i]
+  local value = ARGV[fixed - 1 + 2 * i]
   local fresh = true
-  if ARGV[2 + 2 * i] == "1" then
+  if ARGV[fixed + 2 * i] == "1" then
     fresh = redis.call("SET", KEYS[next_key], "1", "NX", "EX", ttl)
     next_key = next_key + 1
   end
@@ -62,6 +68,10 @@ for i = 1, n do
 end
 if pushed > 0 then
   redis.call("LTRIM", KEYS[1], -max_len, -1)
+  redis.call("ZADD", KEYS[2], "GT", ARGV[5], ARGV[4])
+  if redis.call("ZCARD", KEYS[2]) > active_cap then
+    redis.call("ZREMRANGEBYRANK", KEYS[2], 0, -active_cap - 1)
+  end
 end
 return pushed
 """
@@ -127,6 +137,30 @@ class SessionStore:
     def key(self, user_id: str) -> str:
         return session_key(user_id, self.prefix)
 
+    @property
+    def active_key(self) -> str:
+        return active_users_key(self.prefix)
+
+    async def recent_users(self, limit: int) -> list[str]:
+        """Up to ``limit`` user ids, the most recently active first (the activity ZSET)."""
+        if limit <= 0:
+            return []
+        raw = await self._client.zrevrange(self.active_key, 0, limit - 1)
+        return [r.decode("utf-8", "replace") if isinstance(r, bytes) else r for r in raw]
+
+    async def scan_users(self, limit: int, count: int = 1000) -> list[str]:
+        """Up to ``limit`` user ids that have a session, in no particular order: the
+        fallback when the activity ZSET is empty (sessions written by an older loader).
+        SCAN, never KEYS: it does not block Redis on a large keyspace."""
+        head = self.key("")
+        users: list[str] = []
+        async for key in self._client.scan_iter(match=head + "*", count=count):
+            text = key.decode("utf-8", "replace") if isinstance(key, bytes) else key
+            users.append(text[len(head) :])
+            if len(users) >= limit:
+                break
+        return users
+
     async def get_sessions(self, user_ids: Sequence[str], max_len: int) -> list[Session]:
         """The newest ``max_len`` behaviours of each user (oldest first), one round trip."""
         if not user_ids:
@@ -172,8 +206,15 @@ class SessionStore:
             return 0, 0
         async with self._client.pipeline(transaction=False) as pipe:
             for user_id, user_events in by_user.items():
-                keys = [self.key(user_id)]
-                args: list[str | int] = [max_len, dedup_ttl_s]
+                keys = [self.key(user_id), self.active_key]
+                newest = max(event.timestamp for event in user_events)
+                args: list[str | int | float] = [
+                    max_len,
+                    dedup_ttl_s,
+                    ACTIVE_USERS_CAP,
+                    user_id,
+                    repr(float(newest)),
+                ]
                 for event in user_events:
                     args.append(encode_event(event.item_id, event.timestamp))
                     if event.event_id is None:
@@ -209,9 +250,11 @@ def load_sessions_from_sequences(
     """Write every user's newest ``max_len`` behaviours of ``data`` to Redis.
 
     With ``replace`` a user's list is deleted first (the log is the truth); otherwise the
-    behaviours are appended and the list capped.  Users go in batches of ``batch_users``,
-    each batch one MULTI transaction: one round trip, and no reader sees a user's list
-    deleted but not yet refilled.  Returns the number of users written.
+    behaviours are appended and the list capped.  Each user's newest timestamp goes into
+    the activity ZSET (``ZADD GT``), which the service reads to warm its xhat cache.  Users
+    go in batches of ``batch_users``, each batch one MULTI transaction: one round trip, and
+    no reader sees a user's list deleted but not yet refilled.  Returns the number of users
+    written.
     """
     if max_len <= 0 or batch_users <= 0:
         raise ValueError("max_len and batch_users must be positive")
@@ -220,6 +263,7 @@ def load_sessions_from_sequences(
     item_ids = [str(item) for item in data.item_ids]
     offsets = data.offsets
     written = 0
+    active = active_users_key(prefix)
     client = redis.Redis.from_url(redis_url)
     try:
         for first in range(0, data.n_users, batch_users):
@@ -242,6 +286,11 @@ def load_sessions_from_sequences(
                     pipe.rpush(key, *values)
                     if not replace:
                         pipe.ltrim(key, -max_len, -1)
+                    pipe.zadd(
+                        active,
+                        {str(data.user_ids[user]): float(data.timestamps[end - 1])},
+                        gt=True,
+                    )
                     queued += 1
                 pipe.execute()
             written += queued

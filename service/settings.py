@@ -52,6 +52,24 @@ class Settings(BaseSettings):
     # request runs the reverse process).  An entry of d = 64 takes ~0.5 KB (key, array,
     # LRU links): 100,000 entries are ~50 MB per loaded version.
     xhat_cache_size: int = Field(default=100_000, ge=0)
+    # Near-line xhat (service/xhat_warm.py; docs/operations.md, "Warming the xhat cache").
+    # When a version is loaded (startup, and a hot swap before the switch), compute the xhat
+    # of the xhat_warm_users most recently active users (Redis ZSET {prefix}:active), for at
+    # most xhat_warm_seconds; either 0 turns the warm off.  /readyz says "warming" until it
+    # ends.  20,000 covers every ML-1M user (6,040) and a day's actives of a mid-size site;
+    # the width-16 ML-1M tower warms ~160 sessions/s per core (batch 32, 2-core box).
+    xhat_warm_users: int = Field(default=20_000, ge=0)
+    xhat_warm_seconds: float = Field(default=60.0, ge=0, le=3600)
+    xhat_warm_batch: int = Field(default=32, gt=0, le=1024, description="rows per diffusion run")
+    xhat_warm_threads: int | None = Field(
+        default=None, gt=0, le=64, description="startup warm threads; None = CPU cores"
+    )
+    # After an /events write, the user's new xhat is computed in the background (a queue of
+    # at most xhat_recompute_queue users, the newest dropped when full; 0 = off), so the next
+    # recall hits.  Background work (this and a hot swap's warm) runs in threads at this
+    # nice level: live recalls always get the cores first.
+    xhat_recompute_queue: int = Field(default=1_000, ge=0)
+    xhat_background_nice: int = Field(default=19, ge=0, le=19)
 
     # Latency budget.  A recall answers within min(budget, the caller's deadline header):
     # a stage that would overrun it is abandoned and the answer falls back to popular items

@@ -19,6 +19,7 @@ import gc
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +34,22 @@ from service.observability import Metrics
 from service.sessions import SessionStore
 from service.settings import Settings
 from service.tower import UserTowerRunner
+from service.xhat_warm import (
+    WarmProgress,
+    XhatRecomputer,
+    background_executor,
+    record_warm,
+    warm_xhat,
+)
 
 log = logging.getLogger(__name__)
 
 # What a failing Redis call can raise: redis-py wraps most socket errors, but not all.
 REDIS_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
+# How long /readyz waits for a startup warm about to end before answering "warming": less
+# than a readiness probe's timeout (deploy/k8s: 2 s), and enough for a warm that finds few
+# users to end first (tests, a fresh deployment).
+WARM_READY_WAIT_S = 0.5
 
 
 def reason_of(exc: BaseException) -> str:
@@ -95,6 +107,12 @@ class ServiceState:
         self._reload_lock = asyncio.Lock()
         self._last_attempt: tuple[str, str] | None = None
         self._watcher: asyncio.Task[None] | None = None
+        # Near-line xhat (service/xhat_warm.py): the last warm's progress, the startup warm,
+        # the recompute after writes, and their one low-priority thread.
+        self.warm: WarmProgress | None = None
+        self._warm_task: asyncio.Task[None] | None = None
+        self.recomputer: XhatRecomputer | None = None
+        self._background = background_executor(settings.xhat_background_nice)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -127,13 +145,37 @@ class ServiceState:
             self.metrics,
         )
         self.batcher.start()
+        self.metrics.xhat_cache_entries.set_function(self._xhat_entries)
+        if self.store is not None:
+            if self.engine is not None:
+                # In the background: /healthz answers meanwhile, /readyz says "warming".
+                self._warm_task = asyncio.create_task(
+                    self._warm_at_startup(self.engine, self.store), name="xhat-warm"
+                )
+            if settings.xhat_recompute_queue > 0:
+                self.recomputer = XhatRecomputer(
+                    lambda: self.engine,
+                    self.store,
+                    self._background,
+                    self.metrics,
+                    max_queue=settings.xhat_recompute_queue,
+                    batch_size=settings.xhat_warm_batch,
+                    session_max_len=settings.session_max_len,
+                    redis_timeout_s=self._redis_call_timeout_s,
+                )
+                self.recomputer.start()
         if settings.watch_interval_s > 0:
             self._watcher = asyncio.create_task(self._watch_forever(), name="version-watcher")
 
     async def close(self) -> None:
-        if self._watcher is not None:
-            self._watcher.cancel()
-            await asyncio.gather(self._watcher, return_exceptions=True)
+        for task in (self._watcher, self._warm_task):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        if self.recomputer is not None:
+            await self.recomputer.close()
+        # A diffusion batch already running finishes in its thread; queued ones are dropped.
+        self._background.shutdown(wait=False, cancel_futures=True)
         if self.batcher is not None:
             await self.batcher.close()
         if self.store is not None:
@@ -149,7 +191,63 @@ class ServiceState:
                 )
             except REDIS_ERRORS as exc:
                 reasons["redis"] = f"cannot reach Redis: {reason_of(exc)}"
+        task = self._warm_task
+        if task is not None and not task.done():
+            await asyncio.wait({task}, timeout=WARM_READY_WAIT_S)  # never cancels it
+            if not task.done() and self.warm is not None:
+                reasons["xhat_warm"] = (
+                    f"warming the xhat cache: {self.warm.sessions_computed} of "
+                    f"{self.warm.users} sessions, for at most "
+                    f"{self.settings.xhat_warm_seconds:g}s"
+                )
         return reasons
+
+    # ------------------------------------------------------------------ near-line xhat
+
+    @property
+    def _redis_call_timeout_s(self) -> float:
+        # One pipelined read of a batch of sessions: a connect, a retry and some margin.
+        settings = self.settings
+        return (settings.redis_connect_timeout_ms + 4 * settings.redis_timeout_ms) / 1000
+
+    def _xhat_entries(self) -> float:
+        engine = self.engine
+        cache = engine.tower.xhat_cache if engine is not None else None
+        return float(len(cache)) if cache is not None else 0.0
+
+    async def _warm(
+        self,
+        engine: RecallEngine,
+        store: SessionStore,
+        trigger: str,
+        executor: ThreadPoolExecutor,
+        workers: int,
+    ) -> WarmProgress:
+        settings = self.settings
+        self.warm = progress = WarmProgress(trigger)
+        await warm_xhat(
+            engine,
+            store,
+            progress=progress,
+            max_users=settings.xhat_warm_users,
+            max_seconds=settings.xhat_warm_seconds,
+            batch_size=settings.xhat_warm_batch,
+            session_max_len=settings.session_max_len,
+            executor=executor,
+            workers=workers,
+            redis_timeout_s=self._redis_call_timeout_s,
+        )
+        record_warm(self.metrics, progress, engine.model_version)
+        return progress
+
+    async def _warm_at_startup(self, engine: RecallEngine, store: SessionStore) -> None:
+        # Nothing is served yet: normal priority, as many threads as cores by default.
+        workers = self.settings.xhat_warm_threads or os.cpu_count() or 1
+        executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="xhat-warm")
+        try:
+            await self._warm(engine, store, "startup", executor, workers)
+        finally:
+            executor.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------------ loading
 
@@ -225,6 +323,10 @@ class ServiceState:
             engine, errors = await anyio.to_thread.run_sync(self._load_engine, *paths)
             if engine is None:
                 return self._failed(trigger, paths, errors)
+            if self.store is not None:
+                # Before the switch, on the low-priority thread while the old version
+                # serves: the new version's first recalls hit like the old one's did.
+                await self._warm(engine, self.store, "swap", self._background, 1)
             old = self.engine
             self._install(engine, paths)
             del old, engine

@@ -441,6 +441,41 @@ class UserTowerRunner:
         digest.update(self.model_version.encode())
         return digest.digest()
 
+    def fill_xhat(
+        self,
+        token_lists: Sequence[Sequence[int]],
+        batch_size: int = 32,
+        deadline: float | None = None,
+    ) -> int:
+        """Compute and cache the ``xhat`` of those sequences not cached yet, ``batch_size``
+        rows per diffusion run, stopping between runs once ``time.monotonic()`` passes
+        ``deadline``.  Returns the rows computed (0 without a cache).
+
+        The warm and background paths of :mod:`service.xhat_warm`: the rows and keys are
+        exactly a recall's (same padding), so the next recall of these sessions hits.
+        """
+        if self.xhat_cache is None or not token_lists:
+            return 0
+        stamps = [[0.0] * len(tokens) for tokens in token_lists]
+        item_seq, _ = pad_batch(token_lists, stamps, 0.0, self.max_seq_len)
+        keys = [self.xhat_key(row) for row in item_seq]
+        # Several sessions may share a key (same recent items): compute each key once.
+        first_of: dict[bytes, int] = {}
+        for i, (key, cached) in enumerate(
+            zip(keys, self.xhat_cache.contains_many(keys), strict=True)
+        ):
+            if not cached:
+                first_of.setdefault(key, i)
+        missing = list(first_of.values())
+        computed = 0
+        for start in range(0, len(missing), max(1, batch_size)):
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+            rows = missing[start : start + batch_size]
+            self._run_diffusion(np.ascontiguousarray(item_seq[rows]), [keys[i] for i in rows], None)
+            computed += len(rows)
+        return computed
+
     def _xhat(
         self,
         item_seq: np.ndarray,

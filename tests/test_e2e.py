@@ -89,7 +89,14 @@ def test_recall_through_redis(pipeline: dict[str, Path], redis_url: str) -> None
         redis_pool_timeout_ms=1000,
     )
     with TestClient(create_app(settings)) as client:
-        assert client.get("/readyz").status_code == 200
+        # /readyz says "warming" while the xhat cache of the loaded users is computed
+        # (each call waits up to 0.5 s for it): a bounded loop, no time assertion.
+        for _ in range(600):
+            ready = client.get("/readyz")
+            if ready.status_code == 200:
+                break
+            assert set(ready.json()["reasons"]) == {"xhat_warm"}, ready.json()
+        assert ready.status_code == 200
         response = client.post("/recall", json={"user_id": "u3", "k": 10})
         assert response.status_code == 200, response.text
         body = response.json()

@@ -213,6 +213,10 @@ def _settings(root: Path, redis_url: str, cache_size: int) -> Settings:
         admin_token=TOKEN,
         xhat_cache_size=cache_size,
         inference_concurrency=2,
+        # These tests count the cache's own hits and misses: no warm, no recompute on write
+        # (tests/test_xhat_warm.py covers those).
+        xhat_warm_users=0,
+        xhat_recompute_queue=0,
     )
 
 
