@@ -55,6 +55,7 @@ def test_defaults_follow_the_paper() -> None:
     assert config["interests"] == 4 and config["diffusion_steps"] == 20
     assert config["recon_weight"] == 0.1 and 1.0 <= config["ssm_weight"] <= 10.0
     assert config["gem_weight"] == 1.0 and config["geodesic"] and config["use_diffusion"]
+    assert config["sigma_mode"] == "variance"  # Algorithm 2: beta_tilde_t * eps'
     assert make_config("comirec_sa")["use_diffusion"] is False
     assert make_config("dimerec_no_gem")["gem_weight"] == 0.0
     assert make_config("dimerec_no_recon")["recon_weight"] == 0.0
