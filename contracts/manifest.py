@@ -30,6 +30,11 @@ POPULARITY_FILE = "item_popularity.npy"
 TOWER_DIFFUSION_FILE = "user_tower_diffusion.onnx"
 TOWER_ATTENTION_FILE = "user_tower_attention.onnx"
 TOWER_PARTS_FIELD = "tower_parts"
+# The trained user tower as a torch checkpoint (``model.tower_worker`` loads it to run the
+# fused GPU kernel); the manifest names it under ``TORCH_TOWER_FIELD``.  Optional: the
+# service's ONNX path never reads it, and exports made before it existed lack it.
+TORCH_TOWER_FILE = "user_tower.pt"
+TORCH_TOWER_FIELD = "torch_tower"
 # Names of the files in an index build (``t2diff build-index``).
 INDEX_FILE = "index.faiss"
 

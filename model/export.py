@@ -6,6 +6,10 @@ following ``contracts.tower``.  A T2Diff tower is exported through ``model.fast_
 constants folded); ``fast=False`` traces the training module as it is.  The directory gets ``manifest.json`` with checksums of every
 file, so the index builder and the service refuse a corrupted or half-copied export.
 
+The trained model also goes in as a torch checkpoint (``user_tower.pt``, manifest field
+``torch_tower``: see :func:`save_torch_tower`), so that a GPU tower worker
+(``model.tower_worker``) can run the fused kernel on exactly this version.
+
 A T2Diff with diffusion is also exported as two parts (``contracts.tower``): the reverse
 process (``item_seq``, ``noise`` -> ``xhat``) and the attention that takes ``xhat``.  The
 reverse process reads no time lag, so the service can cache ``xhat`` per session; the single
@@ -124,6 +128,27 @@ def export_split_onnx(model: T2Diff, out_dir: Path, max_seq_len: int) -> dict[st
     return {PART_DIFFUSION: mf.TOWER_DIFFUSION_FILE, PART_ATTENTION: mf.TOWER_ATTENTION_FILE}
 
 
+TORCH_TOWER_FORMAT = 1
+
+
+def save_torch_tower(model: SequentialRecommender, meta: dict[str, Any], path: Path,
+                     popularity: np.ndarray) -> None:  # fmt: skip
+    """The model as ``model.registry.build_model`` rebuilds it: name, config, item count,
+    train popularity (it shapes some models' buffers) and the weights; only tensors and
+    plain types, so ``torch.load(weights_only=True)`` reads it (no pickled code)."""
+    torch.save(
+        {
+            "format": TORCH_TOWER_FORMAT,
+            "model_name": meta["model_name"],
+            "model_config": meta["model_config"],
+            "n_items": int(model.n_items),
+            "popularity": torch.as_tensor(np.asarray(popularity, dtype=np.float64)),
+            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        },
+        path,
+    )
+
+
 def export_run(
     run_dir: Path, out_dir: Path, version: str | None = None, noise_seed: int = 0
 ) -> dict[str, Any]:
@@ -144,6 +169,7 @@ def export_run(
         np.save(staging / mf.ITEM_EMBEDDINGS_FILE, np.ascontiguousarray(embeddings))
         (staging / mf.ITEM_IDS_FILE).write_text(json.dumps(meta["item_ids"]))
         np.save(staging / mf.POPULARITY_FILE, run.popularity[1:].astype(np.float64))
+        save_torch_tower(model, meta, staging / mf.TORCH_TOWER_FILE, run.popularity)
         metrics_path = run_dir / "metrics.json"
         metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
         fields = {
@@ -159,6 +185,7 @@ def export_run(
             "noise_seed": noise_seed,
             "opset": OPSET,
             **({mf.TOWER_PARTS_FIELD: parts} if parts else {}),
+            mf.TORCH_TOWER_FIELD: mf.TORCH_TOWER_FILE,
             "scoring": "inner_product",
             "training_metrics": metrics.get(meta["model_name"], {}),
             "baseline_metrics": {"popularity": metrics.get("popularity", {})},

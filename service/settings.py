@@ -71,6 +71,19 @@ class Settings(BaseSettings):
     xhat_recompute_queue: int = Field(default=1_000, ge=0)
     xhat_background_nice: int = Field(default=19, ge=0, le=19)
 
+    # Where the user tower runs.  "onnx": ONNX Runtime in this process (CUDA EP when the
+    # onnxruntime build has it, else CPU).  "worker": the tower worker process
+    # (`python -m model.tower_worker`, torch + the fused Triton kernel on a GPU) at
+    # tower_worker_socket; unreachable at load = the version is not loaded.  "auto": the
+    # worker when a socket is set and it answers at load time, else ONNX Runtime.
+    tower_backend: Literal["auto", "onnx", "worker"] = "auto"
+    tower_worker_socket: Path | None = None
+    # One worker round trip (the fused kernel answers B = 256 in ~6 ms on an H100); a
+    # request's own budget still applies on top (tower_timeout).
+    tower_worker_timeout_ms: int = Field(default=1000, gt=0, le=60_000)
+    # Loading a version into the worker compiles the kernel and captures its CUDA graphs.
+    tower_worker_load_timeout_s: float = Field(default=600.0, gt=0)
+
     # Latency budget.  A recall answers within min(budget, the caller's deadline header):
     # a stage that would overrun it is abandoned and the answer falls back to popular items
     # (marked ``degraded``).  ``max_budget_ms`` bounds what a request may ask for.

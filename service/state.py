@@ -31,6 +31,7 @@ from contracts.manifest import ArtifactError, read_manifest
 from service.batcher import MicroBatcher
 from service.core import RecallEngine
 from service.observability import Metrics
+from service.remote_tower import TowerBackend
 from service.sessions import SessionStore
 from service.settings import Settings
 from service.tower import UserTowerRunner
@@ -260,7 +261,10 @@ class ServiceState:
         tower = index = None
         try:
             tower = UserTowerRunner(
-                Path(artifacts), settings.ort_intra_threads, settings.xhat_cache_size
+                Path(artifacts),
+                settings.ort_intra_threads,
+                settings.xhat_cache_size,
+                TowerBackend.from_settings(settings),
             )
         except Exception as exc:  # any failure (checksums, ORT, numpy) is a reason
             errors["tower"] = reason_of(exc)

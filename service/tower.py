@@ -49,6 +49,7 @@ from contracts.tower import (
     make_noise,
     pad_batch,
 )
+from service.remote_tower import TowerBackend, TowerWorkerClient
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +126,10 @@ class UserTowerRunner:
     ``xhat_cache_size``: entries of the xhat cache (0 = no cache); used only when the
     export has the split tower, which is then always used (with or without the cache), so
     turning the cache on or off runs the same graphs.
+
+    ``backend``: where the tower runs (``service.remote_tower.TowerBackend``); with the tower
+    worker no ONNX session is opened and requests go to the worker (whole tower, no xhat
+    cache: the fused GPU kernel costs about as much for a batch as for one row).
     """
 
     def __init__(
@@ -132,6 +137,7 @@ class UserTowerRunner:
         artifacts_dir: Path,
         intra_op_threads: int | None = None,
         xhat_cache_size: int = 0,
+        backend: TowerBackend | None = None,
     ) -> None:
         self.artifacts_dir = Path(artifacts_dir)
         if not self.artifacts_dir.is_dir():
@@ -175,10 +181,15 @@ class UserTowerRunner:
         # The reverse-diffusion noise is part of the model version: drawn once from the
         # manifest's seed so every request (and every replica) gets the same embedding.
         self.noise: np.ndarray = make_noise(noise_shape, noise_seed)
-        self.session = self._open_session(intra_op_threads)
+        self.worker: TowerWorkerClient | None = (backend or TowerBackend()).attach(
+            self.artifacts_dir, self.model_version, self.embedding_dim
+        )
+        self.session: ort.InferenceSession | None = (
+            self._open_session(intra_op_threads) if self.worker is None else None
+        )
         self.diffusion_session: ort.InferenceSession | None = None
         self.attention_session: ort.InferenceSession | None = None
-        if manifest.get(TOWER_PARTS_FIELD) is not None:
+        if manifest.get(TOWER_PARTS_FIELD) is not None and self.worker is None:
             self.diffusion_session, self.attention_session = self._open_parts(intra_op_threads)
         self.xhat_cache: XhatCache | None = (
             XhatCache(xhat_cache_size)
@@ -192,7 +203,7 @@ class UserTowerRunner:
             self.num_items,
             self.embedding_dim,
             self.max_seq_len,
-            self.session.get_providers(),
+            self.session.get_providers() if self.session is not None else "tower worker",
         )
 
     # ------------------------------------------------------------------ loading
@@ -402,6 +413,9 @@ class UserTowerRunner:
         ``xhat_miss`` rows of the xhat cache (all rows miss without a cache).
         """
         item_seq, time_lag = pad_batch(token_lists, timestamp_lists, now, self.max_seq_len)
+        if self.worker is not None:
+            return self.worker.embed(self.model_version, item_seq, time_lag)
+        assert self.session is not None
         if self.attention_session is None:
             (embedding,) = self.session.run(
                 [OUTPUT_USER_EMBEDDING],

@@ -1,0 +1,282 @@
+"""The tower worker on a GPU: the service's path (socket round trip) against the kernel
+alone, with parity against ONNX Runtime CPU on the same inputs.
+
+For each export (``--artifacts``, exports of ``t2diff export`` that carry ``user_tower.pt``):
+
+1. ``fused_graph``: in this process, the worker's own ``TowerVersion`` (fused Triton
+   kernel, one CUDA graph per batch bucket); times one graph replay + synchronize with the
+   inputs already on the GPU: the kernel alone.
+2. ``worker_inproc``: the same object's ``embed`` (numpy in, copy to the GPU, replay, copy
+   back): what the worker computes per request.
+3. ``worker_socket``: ``python -m model.tower_worker`` started as a process, timed from
+   this process through ``service.remote_tower.TowerWorkerClient`` (what the service
+   calls): frame encode, Unix socket, worker, answer.  The overhead of the socket is
+   ``worker_socket - worker_inproc``.
+4. ``worker_socket_cN``: N client threads of B = 1 requests at once (one GPU stream
+   serialises them; the service's micro-batcher would batch them instead).
+
+Parity: every path's embeddings against ONNX Runtime CPU (the service's default path) on the
+same padded inputs and the manifest's noise (max |diff|, limit 1e-4 at tf32x3).
+
+    python3 bench/bench_tower_worker.py --artifacts artifacts/ml1m-t2diff_w16_s2-pt \
+        --batches 1,8,64,256 --runs 200 --csv $OUT/worker.csv --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from contracts import tower_wire as wire  # noqa: E402
+from contracts.manifest import USER_TOWER_FILE, read_manifest  # noqa: E402
+from contracts.tower import make_noise  # noqa: E402
+from service.remote_tower import TowerWorkerClient, WorkerError  # noqa: E402
+
+HEADER = ["machine", "backend", "steps", "batch", "p50_ms", "p95_ms", "p99_ms", "samples_per_s"]
+
+
+def percentiles(samples: list[float]) -> tuple[float, float, float]:
+    ordered = np.sort(np.asarray(samples))
+    return tuple(float(np.percentile(ordered, q)) for q in (50, 95, 99))  # type: ignore[return-value]
+
+
+def inputs(manifest: dict[str, Any], batch: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Left-padded histories of random length (1..L) over the vocabulary, lags in seconds."""
+    rng = np.random.default_rng(seed)
+    length, items = int(manifest["max_seq_len"]), int(manifest["num_items"])
+    item_seq = np.zeros((batch, length), np.int64)
+    time_lag = np.zeros((batch, length), np.float32)
+    for row in range(batch):
+        n = int(rng.integers(1, length + 1))
+        item_seq[row, -n:] = rng.integers(1, items + 1, n)
+        time_lag[row, -n:] = np.sort(rng.exponential(3600.0 * 24, n))[::-1]
+    return item_seq, time_lag
+
+
+class Rows:
+    def __init__(self, machine: str, steps: int) -> None:
+        self.machine, self.steps, self.rows = machine, steps, []
+
+    def add(self, backend: str, batch: int, samples_ms: list[float]) -> None:
+        p50, p95, p99 = percentiles(samples_ms)
+        row = [self.machine, backend, self.steps, batch, round(p50, 4), round(p95, 4),
+               round(p99, 4), round(batch / (p50 / 1000), 1)]  # fmt: skip
+        self.rows.append(row)
+        print(f"  {backend:40s} B={batch:4d}  p50 {p50:8.3f}  p95 {p95:8.3f}  p99 {p99:8.3f} ms"
+              f"  {row[-1]:10.1f} samples/s (n={len(samples_ms)})", flush=True)  # fmt: skip
+
+
+def ort_reference(artifacts: Path, manifest: dict[str, Any]):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = min(8, os.cpu_count() or 1)
+    session = ort.InferenceSession(str(artifacts / USER_TOWER_FILE), options,
+                                   providers=["CPUExecutionProvider"])  # fmt: skip
+    noise = make_noise(manifest["noise_shape"], int(manifest["noise_seed"]))
+
+    def run(item_seq: np.ndarray, time_lag: np.ndarray) -> np.ndarray:
+        (out,) = session.run(None, {"item_seq": item_seq, "time_lag": time_lag, "noise": noise})
+        return out
+
+    return run
+
+
+def bench_export(artifacts: Path, args: argparse.Namespace, rows: Rows) -> dict[str, Any]:
+    import torch
+
+    from model.tower_worker import TowerVersion
+
+    manifest = read_manifest(artifacts)
+    width = int(manifest["model_config"]["unet_width"])
+    tag = f"{args.precision}_w{width}"
+    batches = [int(b) for b in args.batches.split(",")]
+    feeds = {b: inputs(manifest, b, seed=b) for b in batches}
+    ort_run = ort_reference(artifacts, manifest)
+    reference = {b: ort_run(*feeds[b]) for b in batches}
+    checks: dict[str, Any] = {"artifacts": str(artifacts), "width": width}
+    print(f"{artifacts} (width {width}, precision {args.precision})", flush=True)
+
+    # 1-2: in this process.
+    started = time.perf_counter()
+    cuda = args.device == "cuda"
+    version = TowerVersion(artifacts, args.device, path="fused" if cuda else "eager",
+                           precision=args.precision, num_warps=args.num_warps)  # fmt: skip
+    checks["load_s_inproc"] = round(time.perf_counter() - started, 2)
+    checks["parity_vs_eager_at_load"] = version.parity
+    for batch in batches:
+        if not cuda:  # a CPU smoke run of this script: no graphs, no kernel timing
+            break
+        graph, static_seq, static_lag, out = version.graphs[batch]
+        static_seq.copy_(torch.from_numpy(feeds[batch][0]))
+        static_lag.copy_(torch.from_numpy(feeds[batch][1]))
+        for _ in range(args.warmup):
+            graph.replay()
+        torch.cuda.synchronize()
+        samples = []
+        for _ in range(args.runs):
+            t0 = time.perf_counter()
+            graph.replay()
+            torch.cuda.synchronize()
+            samples.append((time.perf_counter() - t0) * 1000)
+        rows.add(f"fused_graph_{tag}", batch, samples)
+        got = out.float().cpu().numpy()
+        checks[f"fused_graph_B{batch}_max_abs_diff_vs_ort"] = float(
+            np.abs(got - reference[batch]).max()
+        )
+    for batch in batches:
+        for _ in range(args.warmup):
+            version.embed(*feeds[batch])
+        samples = []
+        for _ in range(args.runs):
+            t0 = time.perf_counter()
+            got = version.embed(*feeds[batch])
+            samples.append((time.perf_counter() - t0) * 1000)
+        rows.add(f"worker_inproc_{tag}", batch, samples)
+        checks[f"worker_inproc_B{batch}_max_abs_diff_vs_ort"] = float(
+            np.abs(got - reference[batch]).max()
+        )
+    del version
+    if cuda:
+        torch.cuda.empty_cache()
+
+    # 3-4: the worker process, through the service's client.
+    sock = Path(tempfile.mkdtemp(prefix="t2tw-")) / "tower.sock"
+    command = [sys.executable, "-m", "model.tower_worker", "--artifacts", str(artifacts),
+               "--socket", str(sock), "--device", args.device, "--precision", args.precision,
+               "--num-warps", str(args.num_warps)]  # fmt: skip
+    log_path = Path(args.out) / f"worker_w{width}.log" if args.out else Path(os.devnull)
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen(command, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT)
+        try:
+            client = TowerWorkerClient(sock, timeout_s=30.0)
+            started = time.perf_counter()
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"worker exited {proc.returncode}")
+                try:
+                    health = client.health()
+                    break
+                except WorkerError:
+                    time.sleep(0.1)
+            checks["worker_start_s"] = round(time.perf_counter() - started, 2)
+            checks["worker_health"] = health
+            version_name = health["model_version"]
+            for batch in batches:
+                header = {"op": wire.OP_EMBED, "model_version": version_name}
+                arrays = [("item_seq", feeds[batch][0]), ("time_lag", feeds[batch][1])]
+                for _ in range(args.warmup):
+                    client.request(header, arrays)
+                samples, compute = [], []
+                for _ in range(args.runs):
+                    t0 = time.perf_counter()
+                    answer, out = client.request(header, arrays)
+                    samples.append((time.perf_counter() - t0) * 1000)
+                    compute.append(answer["compute_ms"])
+                rows.add(f"worker_socket_{tag}", batch, samples)
+                got = out["user_embedding"]
+                checks[f"worker_socket_B{batch}_max_abs_diff_vs_ort"] = float(
+                    np.abs(got - reference[batch]).max()
+                )
+                checks[f"worker_socket_B{batch}_compute_ms_p50"] = statistics.median(compute)
+                checks[f"worker_socket_B{batch}_overhead_ms_p50"] = statistics.median(
+                    s - c for s, c in zip(samples, compute, strict=True)
+                )
+            if args.concurrency > 1:
+                concurrent(client, version_name, feeds, args, rows, tag, checks)
+            client.close()
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    return checks
+
+
+def concurrent(client: TowerWorkerClient, version: str, feeds: dict, args: argparse.Namespace,
+               rows: Rows, tag: str, checks: dict[str, Any]) -> None:  # fmt: skip
+    """N threads, each sending B = 1 requests back to back: requests/s and per-request ms."""
+    item_seq, time_lag = (a[:1] for a in feeds[min(feeds)])
+    per_thread = max(20, args.runs // args.concurrency)
+    samples: list[float] = []
+    lock = threading.Lock()
+
+    def loop() -> None:
+        mine = []
+        for _ in range(per_thread):
+            t0 = time.perf_counter()
+            client.embed(version, item_seq, time_lag)
+            mine.append((time.perf_counter() - t0) * 1000)
+        with lock:
+            samples.extend(mine)
+
+    threads = [threading.Thread(target=loop) for _ in range(args.concurrency)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - started
+    rows.add(f"worker_socket_c{args.concurrency}_{tag}", 1, samples)
+    checks[f"concurrent_{args.concurrency}x_B1_requests_per_s"] = round(len(samples) / elapsed, 1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("--artifacts", type=Path, action="append", required=True)
+    parser.add_argument("--batches", default="1,8,64,256")
+    parser.add_argument("--runs", type=int, default=200)
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--precision", default="tf32x3")
+    parser.add_argument("--num-warps", type=int, default=4)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--machine", default="h100")
+    parser.add_argument("--device", default="cuda", help="cpu: a smoke run (eager, no kernel)")
+    parser.add_argument("--csv", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=None, help="checks.json and worker logs")
+    args = parser.parse_args()
+    import torch
+
+    # fp32 for the attention half, as in the worker (parity).
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    print(f"device: {name}, torch {torch.__version__}", flush=True)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+    all_checks = []
+    rows: Rows | None = None
+    for artifacts in args.artifacts:
+        manifest = read_manifest(artifacts, verify=False)
+        rows = rows or Rows(args.machine, int(manifest["diffusion_steps"]))
+        all_checks.append(bench_export(artifacts, args, rows))
+    assert rows is not None
+    if args.csv:
+        with open(args.csv, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(HEADER)
+            writer.writerows(rows.rows)
+    text = json.dumps(all_checks, indent=2, default=str)
+    print(text)
+    if args.out:
+        (args.out / "checks.json").write_text(text)
+    worst = max(v for c in all_checks for k, v in c.items() if k.endswith("vs_ort"))
+    print(f"largest |diff| vs ONNX Runtime CPU: {worst:.2e} (limit 1e-4)")
+
+
+if __name__ == "__main__":
+    main()

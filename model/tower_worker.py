@@ -1,0 +1,477 @@
+"""The tower worker: a process that owns torch (and the fused Triton kernel on a GPU) and
+serves user-tower batches to the recall service over a Unix domain socket.
+
+Why a process: ``service/`` never imports torch (serving installs without it), and the
+fastest correct GPU path is ``model.fused_tower.FusedTower`` (all T U-Net steps in one
+kernel), which is torch + Triton.  ONNX Runtime's CUDA EP runs the same graph ~7x slower
+(docs/results/inference.md, "GPU (H100)").  The service keeps its micro-batcher, budgets
+and fallbacks; its client (``service.remote_tower``) sends the padded ``item_seq`` /
+``time_lag`` it would give ONNX Runtime and gets the embeddings back.  Wire format:
+``contracts.tower_wire``.
+
+    python -m model.tower_worker --artifacts artifacts/current --socket /run/t2diff/tower.sock
+
+What runs (``--path``):
+
+* ``fused`` (default on CUDA): ``FusedTower``, precision ``--precision`` (default
+  ``tf32x3``: three tf32 tensor-core products per product, the parity-safe choice, max
+  |diff| vs eager <= 3.8e-6 on the H100; ``ieee`` is parity-safe too but slower; ``tf32``
+  is 1.6x faster with ~1e-2 embedding differences and unchanged ML-1M recall, an opt-in).
+  One CUDA graph per batch bucket (1, 2, 4, ..., ``--max-bucket``); a batch is padded to
+  its bucket (rows are independent, so padding rows change nothing), larger ones are
+  split.  On the CPU it runs only under ``TRITON_INTERPRET=1`` (tests).
+* ``fast``: ``model.fast_tower.FastTower`` (the ONNX export's function), CUDA graphs on a GPU.
+* ``eager`` (default on CPU): the model's own ``user_embedding``, the reference.
+
+The noise is the manifest's fixed draw (``contracts.tower.make_noise``), as in the ONNX
+path, so both compute the same function.  At load, a non-eager path is checked against
+eager on random rows; a parity-safe precision that misses 1e-4 refuses to load.
+
+Several versions can be held (the newest ``--keep-versions``): the service asks the worker
+to ``load`` a promoted version before it swaps, and names the version in every request, so
+a request is answered by exactly the version its engine belongs to, never a mix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import os
+import signal
+import socket
+import socketserver
+import stat
+import threading
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from contracts import tower_wire as wire
+from contracts.manifest import TORCH_TOWER_FIELD, ArtifactError, read_manifest
+from contracts.tower import make_noise
+from model.base import Batch, ExportedTower, SequentialRecommender
+from model.registry import build_model
+
+log = logging.getLogger("t2diff.tower_worker")
+
+PATHS = ("auto", "fused", "fast", "eager")
+# Precisions whose answer matches eager within PARITY_TOL (fp32 arithmetic); the others are
+# judged by recall (docs/results/inference.md) and only warned about.
+PARITY_PRECISIONS = ("ieee", "tf32x3")
+PARITY_TOL = 1e-4
+MAX_ROWS = 4096  # one request; the service's MAX_BATCH is at most 4096 too
+
+
+class RequestError(ValueError):
+    """A well-formed frame asking for something the worker refuses; ``code`` goes on the wire."""
+
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(detail)
+        self.code = code
+
+
+def _buckets(max_bucket: int) -> list[int]:
+    out, size = [], 1
+    while size < max_bucket:
+        out.append(size)
+        size *= 2
+    return [*out, max_bucket]
+
+
+def load_checkpoint(artifacts: Path) -> tuple[dict[str, Any], SequentialRecommender]:
+    """The export's manifest (checksums verified) and its model rebuilt from the torch
+    checkpoint the export carries (``user_tower.pt``), in eval mode on the CPU."""
+    manifest = read_manifest(artifacts)
+    file_name = manifest.get(TORCH_TOWER_FIELD)
+    if not isinstance(file_name, str) or file_name not in manifest["files"]:
+        raise ArtifactError(
+            f"{artifacts}: the export has no torch checkpoint (manifest {TORCH_TOWER_FIELD!r});"
+            " re-export it with this version of `t2diff export`"
+        )
+    state = torch.load(artifacts / file_name, map_location="cpu", weights_only=True)
+    popularity = state["popularity"].numpy()
+    model = build_model(state["model_name"], int(state["n_items"]), state["model_config"],
+                        popularity)  # fmt: skip
+    model.load_state_dict(state["state_dict"])
+    model.eval()
+    if int(manifest["num_items"]) != model.n_items or int(manifest["max_seq_len"]) != int(
+        state["model_config"]["max_seq_len"]
+    ):
+        raise ArtifactError(f"{artifacts}: checkpoint and manifest disagree on the model's shape")
+    return manifest, model
+
+
+class TowerVersion:
+    """One loaded export: its model on ``device`` through the chosen path, graphs captured."""
+
+    def __init__(
+        self,
+        artifacts: Path,
+        device: str,
+        path: str = "auto",
+        precision: str = "tf32x3",
+        num_warps: int = 4,
+        max_bucket: int = 256,
+        graphs: bool = True,
+        capture_lock: threading.Lock | None = None,
+    ) -> None:
+        self.artifacts = Path(artifacts)
+        # Held around each graph capture: a capture must not see another thread's launches
+        # (the worker serves the versions it holds while it loads a new one).
+        self._capture_lock = capture_lock or threading.Lock()
+        started = time.perf_counter()
+        manifest, model = load_checkpoint(self.artifacts)
+        self.model_version = str(manifest["model_version"])
+        self.max_seq_len = int(manifest["max_seq_len"])
+        self.num_items = int(manifest["num_items"])
+        self.embedding_dim = int(manifest["embedding_dim"])
+        self.device = torch.device(device)
+        self.noise = torch.from_numpy(
+            make_noise(manifest["noise_shape"], int(manifest["noise_seed"]))
+        ).to(self.device)
+        self.reference = copy.deepcopy(model).to(self.device).eval()
+        self.path = path if path != "auto" else ("fused" if self.device.type == "cuda" else "eager")
+        self.precision = precision if self.path == "fused" else "fp32"
+        # The re-expressions fold their constants on the CPU (as the export does), then move.
+        if self.path == "fused":
+            from model.fused_tower import FusedTower
+
+            self.tower: torch.nn.Module = FusedTower(model, precision=precision,
+                                                     num_warps=num_warps)  # fmt: skip
+        elif self.path == "fast":
+            from model.fast_tower import FastTower
+
+            self.tower = FastTower(model)  # type: ignore[arg-type]
+        elif self.path == "eager":
+            self.tower = ExportedTower(self.reference)
+        else:
+            raise ValueError(f"path must be one of {PATHS}, not {path!r}")
+        self.tower = self.tower.to(self.device).eval()
+        self.max_bucket = max_bucket
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor,
+                                     torch.Tensor]] = {}  # fmt: skip
+        self.parity: float | None = None
+        self._check_parity()
+        if graphs and self.device.type == "cuda":
+            for bucket in _buckets(max_bucket):
+                self._capture(bucket)
+        self.load_s = time.perf_counter() - started
+        log.info(
+            "loaded %s from %s: path=%s precision=%s device=%s graphs=%s parity=%s (%.1f s)",
+            self.model_version, self.artifacts, self.path, self.precision, self.device,
+            sorted(self.graphs), self.parity, self.load_s,
+        )  # fmt: skip
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "model_version": self.model_version,
+            "path": self.path,
+            "precision": self.precision,
+            "device": str(self.device),
+            "buckets": sorted(self.graphs),
+            "parity_max_abs_diff": self.parity,
+            "max_seq_len": self.max_seq_len,
+            "embedding_dim": self.embedding_dim,
+        }
+
+    def _random_inputs(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        gen = torch.Generator().manual_seed(batch)
+        item_seq = torch.randint(1, self.num_items + 1, (batch, self.max_seq_len), generator=gen)
+        item_seq[0, : self.max_seq_len // 2] = 0  # one left-padded, short history
+        time_lag = torch.rand(batch, self.max_seq_len, generator=gen) * 1e6
+        return item_seq.to(self.device), time_lag.to(self.device)
+
+    def _check_parity(self) -> None:
+        if self.path == "eager":
+            return
+        item_seq, time_lag = self._random_inputs(4)
+        with torch.no_grad():
+            got = self.tower(item_seq, time_lag, self.noise)
+            want = self.reference.user_embedding(Batch(item_seq, time_lag), self.noise)
+        self.parity = float((got.float() - want.float()).abs().max())
+        if self.parity > PARITY_TOL or not np.isfinite(self.parity):
+            message = f"{self.path}/{self.precision} differs from eager by {self.parity:.2e}"
+            if self.precision in PARITY_PRECISIONS or self.path != "fused":
+                raise ArtifactError(message + f" (limit {PARITY_TOL})")
+            log.warning("%s (reduced precision, judged by recall)", message)
+
+    def _capture(self, bucket: int) -> None:
+        item_seq, time_lag = self._random_inputs(bucket)
+        item_seq, time_lag = item_seq.contiguous(), time_lag.contiguous()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.no_grad(), torch.cuda.stream(side):
+            for _ in range(2):  # the first call compiles the Triton kernel
+                self.tower(item_seq, time_lag, self.noise)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with self._capture_lock, torch.no_grad(), torch.cuda.graph(graph):
+            out = self.tower(item_seq, time_lag, self.noise)
+        self.graphs[bucket] = (graph, item_seq, time_lag, out)
+
+    def validate(self, item_seq: np.ndarray, time_lag: np.ndarray) -> None:
+        if item_seq.ndim != 2 or item_seq.shape[1] != self.max_seq_len:
+            raise RequestError(
+                "bad_request", f"item_seq shape {item_seq.shape}, want [B, {self.max_seq_len}]"
+            )
+        if time_lag.shape != item_seq.shape:
+            raise RequestError("bad_request", f"time_lag shape {time_lag.shape} != item_seq's")
+        if not 1 <= item_seq.shape[0] <= MAX_ROWS:
+            raise RequestError("bad_request", f"batch of {item_seq.shape[0]} rows (1..{MAX_ROWS})")
+        if item_seq.min() < 0 or item_seq.max() > self.num_items:
+            raise RequestError("bad_request", f"item_seq tokens outside 0..{self.num_items}")
+        if not np.isfinite(time_lag).all():
+            raise RequestError("bad_request", "time_lag holds NaN or inf")
+
+    def embed(self, item_seq: np.ndarray, time_lag: np.ndarray) -> np.ndarray:
+        """``user_embedding`` [B, d] float32 for validated inputs (caller holds the lock)."""
+        if not self.graphs:
+            with torch.no_grad():
+                out = self.tower(
+                    torch.from_numpy(np.array(item_seq)).to(self.device),
+                    torch.from_numpy(np.array(time_lag)).to(self.device),
+                    self.noise,
+                )
+            return out.float().cpu().numpy()
+        parts = []
+        for start in range(0, item_seq.shape[0], self.max_bucket):
+            parts.append(self._replay(item_seq[start : start + self.max_bucket],
+                                      time_lag[start : start + self.max_bucket]))  # fmt: skip
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def _replay(self, item_seq: np.ndarray, time_lag: np.ndarray) -> np.ndarray:
+        rows = item_seq.shape[0]
+        bucket = next(b for b in sorted(self.graphs) if b >= rows)
+        graph, static_seq, static_lag, out = self.graphs[bucket]
+        static_seq[:rows].copy_(torch.from_numpy(np.array(item_seq)))
+        static_lag[:rows].copy_(torch.from_numpy(np.array(time_lag)))
+        if rows < bucket:
+            # Padding rows repeat row 0 (a real history): rows never mix, and an all-padding
+            # row would be a case the model never saw.
+            static_seq[rows:].copy_(static_seq[:1].expand(bucket - rows, -1))
+            static_lag[rows:].copy_(static_lag[:1].expand(bucket - rows, -1))
+        graph.replay()
+        return out[:rows].float().cpu().numpy()
+
+
+class TowerWorker:
+    """The versions held and the one lock that serialises compute (one GPU stream)."""
+
+    def __init__(
+        self,
+        artifacts: Path,
+        device: str,
+        allow_root: Path | None = None,
+        keep_versions: int = 2,
+        **version_options: Any,
+    ) -> None:
+        self.device = device
+        self.version_options = version_options
+        self.keep_versions = max(1, keep_versions)
+        self.allow_root = Path(os.path.realpath(allow_root or Path(artifacts).resolve().parent))
+        self.versions: OrderedDict[str, TowerVersion] = OrderedDict()
+        self._compute = threading.Lock()
+        self._loading = threading.Lock()
+        self.version_options["capture_lock"] = self._compute
+        self._add(TowerVersion(Path(os.path.realpath(artifacts)), device, **self.version_options))
+
+    def _add(self, version: TowerVersion) -> None:
+        with self._compute:
+            self.versions[version.model_version] = version
+            self.versions.move_to_end(version.model_version)
+            while len(self.versions) > self.keep_versions:
+                old, _ = self.versions.popitem(last=False)
+                log.info("dropped version %s (keeping %d)", old, self.keep_versions)
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "ok": True,
+            "versions": list(self.versions),
+            "pid": os.getpid(),
+            **(next(reversed(self.versions.values())).describe() if self.versions else {}),
+        }
+
+    def load(self, header: dict[str, Any]) -> dict[str, Any]:
+        artifacts, wanted = header.get("artifacts"), header.get("model_version")
+        if not isinstance(artifacts, str) or not isinstance(wanted, str):
+            raise RequestError("bad_request", "load needs artifacts and model_version strings")
+        if wanted in self.versions:
+            return {"ok": True, "versions": list(self.versions), "loaded": False}
+        real = Path(os.path.realpath(artifacts))
+        # The worker reads only exports under its artifact root: the socket must not let a
+        # client make it unpickle-free-but-still-arbitrary files elsewhere.
+        if not real.is_relative_to(self.allow_root):
+            raise RequestError("load_failed", f"{real} is not under {self.allow_root}")
+        with self._loading:  # one load at a time; requests keep being served meanwhile
+            if wanted not in self.versions:
+                try:
+                    manifest = read_manifest(real, verify=False)
+                    if str(manifest.get("model_version")) != wanted:
+                        raise RequestError(
+                            "version_mismatch",
+                            f"{real} holds model {manifest.get('model_version')}, not {wanted}",
+                        )
+                    version = TowerVersion(real, self.device, **self.version_options)
+                except RequestError:
+                    raise
+                except Exception as exc:  # any load failure is the client's answer
+                    raise RequestError("load_failed", f"{type(exc).__name__}: {exc}") from exc
+                if version.model_version != wanted:
+                    raise RequestError("version_mismatch", f"{real} changed during the load")
+                self._add(version)
+        return {"ok": True, "versions": list(self.versions), "loaded": True}
+
+    def embed(
+        self, header: dict[str, Any], arrays: dict[str, np.ndarray]
+    ) -> tuple[dict[str, Any], np.ndarray]:
+        wanted = header.get("model_version")
+        version = self.versions.get(wanted) if isinstance(wanted, str) else None
+        if version is None:
+            raise RequestError(
+                "version_mismatch", f"model {wanted!r} is not loaded here: {list(self.versions)}"
+            )
+        if set(arrays) != {"item_seq", "time_lag"}:
+            raise RequestError("bad_request", f"embed needs item_seq and time_lag: {list(arrays)}")
+        item_seq, time_lag = arrays["item_seq"], arrays["time_lag"]
+        if item_seq.dtype != np.int64 or time_lag.dtype != np.float32:
+            raise RequestError("bad_request", "item_seq must be int64 and time_lag float32")
+        version.validate(item_seq, time_lag)
+        with self._compute:
+            started = time.perf_counter()
+            out = version.embed(item_seq, time_lag)
+            compute_ms = (time.perf_counter() - started) * 1000
+        return {"ok": True, "model_version": version.model_version,
+                "compute_ms": round(compute_ms, 4)}, out  # fmt: skip
+
+
+class _Handler(socketserver.BaseRequestHandler):
+    server: _Server
+
+    def handle(self) -> None:
+        sock: socket.socket = self.request
+        worker = self.server.worker
+        while True:
+            try:
+                header, arrays = wire.read_frame(sock)
+            except wire.PeerClosed:
+                return
+            except (wire.FrameError, OSError) as exc:
+                log.warning("bad frame, closing the connection: %s", exc)
+                self._send(sock, {"ok": False, "error": "bad_frame", "detail": str(exc)})
+                return
+            out_arrays: list[tuple[str, np.ndarray]] = []
+            try:
+                op = header.get("op")
+                if op == wire.OP_EMBED:
+                    answer, embedding = worker.embed(header, arrays)
+                    out_arrays = [("user_embedding", np.ascontiguousarray(embedding, np.float32))]
+                elif op == wire.OP_HEALTH:
+                    answer = worker.health()
+                elif op == wire.OP_LOAD:
+                    answer = worker.load(header)
+                else:
+                    raise RequestError("bad_request", f"unknown op {op!r}")
+            except RequestError as exc:
+                answer = {"ok": False, "error": exc.code, "detail": str(exc)}
+            except Exception as exc:  # a bug or a CUDA failure: answer, keep serving
+                log.exception("request failed")
+                answer = {"ok": False, "error": "internal", "detail": f"{type(exc).__name__}"}
+            if not self._send(sock, answer, out_arrays):
+                return
+
+    @staticmethod
+    def _send(
+        sock: socket.socket, header: dict[str, Any], arrays: list[tuple[str, np.ndarray]] = ()
+    ) -> bool:
+        try:
+            sock.sendall(wire.encode(header, arrays))
+            return True
+        except OSError:
+            return False  # the client went away (e.g. its timeout): nothing to answer
+
+
+class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True  # a client holding its connection open never blocks shutdown
+
+    def __init__(self, path: str, worker: TowerWorker) -> None:
+        self.worker = worker
+        super().__init__(path, _Handler)
+
+
+def serve(worker: TowerWorker, socket_path: Path) -> None:
+    """Serve until SIGTERM/SIGINT; the socket file is created 0660 and removed at exit."""
+    socket_path = Path(socket_path)
+    socket_path.parent.mkdir(parents=True, exist_ok=True)
+    if socket_path.exists() or socket_path.is_symlink():
+        # A stale socket of a previous worker; never delete anything that is not a socket.
+        if not stat.S_ISSOCK(socket_path.lstat().st_mode):
+            raise SystemExit(f"{socket_path} exists and is not a socket")
+        socket_path.unlink()
+    old_umask = os.umask(0o117)
+    try:
+        server = _Server(str(socket_path), worker)
+    finally:
+        os.umask(old_umask)
+
+    def stop(signum: int, _frame: object) -> None:
+        log.info("signal %d: stopping", signum)
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    log.info("serving on %s (pid %d)", socket_path, os.getpid())
+    try:
+        server.serve_forever(poll_interval=0.2)
+    finally:
+        server.server_close()
+        socket_path.unlink(missing_ok=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m model.tower_worker", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("--artifacts", type=Path, required=True, help="an export directory")
+    parser.add_argument("--socket", type=Path, required=True, help="Unix socket path")
+    parser.add_argument("--device", default="auto", help="auto (cuda if present), cuda, cpu")
+    parser.add_argument("--path", default="auto", choices=PATHS)
+    parser.add_argument("--precision", default="tf32x3",
+                        help="fused kernel: tf32x3 (default, parity) | ieee | tf32 | bf16")  # fmt: skip
+    parser.add_argument("--num-warps", type=int, default=4)
+    parser.add_argument("--max-bucket", type=int, default=256,
+                        help="largest CUDA graph batch; larger requests are split")  # fmt: skip
+    parser.add_argument("--no-graphs", action="store_true", help="no CUDA graphs (debugging)")
+    parser.add_argument("--keep-versions", type=int, default=2)
+    parser.add_argument("--allow-root", type=Path, default=None,
+                        help="load requests may name exports under this directory only "
+                             "(default: the parent of --artifacts)")  # fmt: skip
+    parser.add_argument("--log-level", default="info")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    # The attention half's matmuls in fp32 (parity with ONNX Runtime and eager).
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    worker = TowerWorker(
+        args.artifacts,
+        device,
+        allow_root=args.allow_root,
+        keep_versions=args.keep_versions,
+        path=args.path,
+        precision=args.precision,
+        num_warps=args.num_warps,
+        max_bucket=args.max_bucket,
+        graphs=not args.no_graphs,
+    )
+    serve(worker, args.socket)
+
+
+if __name__ == "__main__":
+    main()
