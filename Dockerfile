@@ -107,6 +107,53 @@ RUN apt-get update \
 COPY --from=build-gpu /opt/venv /opt/venv
 
 # ---------------------------------------------------------------------------------------
+# tower-worker: the GPU sidecar that runs the user tower with torch and the fused Triton
+# kernel (model/tower_worker.py) and answers the api over a Unix socket.  torch lives in this
+# image only: the cpu and gpu serving images stay torch-free.  The CUDA build of torch
+# brings its own CUDA libraries and Triton; the base gives the driver-facing runtime.
+#   docker build --target tower-worker -t t2diff-recall:tower-worker .
+FROM ${CUDA_IMAGE} AS tower-worker
+ARG TORCH_VERSION=2.13.0
+ARG TORCH_CUDA_INDEX=https://download.pytorch.org/whl/cu126
+ENV DEBIAN_FRONTEND=noninteractive \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PATH=/opt/venv/bin:$PATH
+# DL3008: see build-gpu.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 python3-venv \
+    && rm -rf /var/lib/apt/lists/* \
+    && python3 -m venv /opt/venv \
+    && groupadd --system --gid 10001 t2diff \
+    && useradd --system --uid 10001 --gid t2diff --home-dir /home/t2diff --create-home \
+        --shell /usr/sbin/nologin t2diff \
+    && mkdir -p /data /run/t2diff \
+    && chown t2diff:t2diff /data /run/t2diff
+RUN pip install --no-cache-dir "torch==${TORCH_VERSION}" --index-url "${TORCH_CUDA_INDEX}"
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY contracts/ contracts/
+COPY model/ model/
+COPY index_builder/ index_builder/
+COPY service/ service/
+COPY t2diff_cli/ t2diff_cli/
+# --no-deps: the worker needs numpy and torch (both here), not the serving or training extras.
+RUN pip install --no-cache-dir --no-deps . \
+    && pip install --no-cache-dir "numpy>=1.26" \
+    && python -c "import model.tower_worker, triton" \
+    && rm -rf /src
+WORKDIR /data
+USER 10001:10001
+# The socket lives on a volume shared with the api (deploy/docker-compose.gpu.yml).
+HEALTHCHECK --interval=10s --timeout=8s --start-period=300s --retries=3 \
+    CMD ["python", "-m", "model.tower_worker", "--ping", "--socket", "/run/t2diff/tower.sock"]
+CMD ["python", "-m", "model.tower_worker", "--artifacts", "/data/artifacts/current", \
+     "--socket", "/run/t2diff/tower.sock", "--device", "cuda"]
+
+# ---------------------------------------------------------------------------------------
 # trainer: torch CPU build + .[train,serve]; runs `t2diff data|train|export|build-index|
 # sessions load|rebuild` against the shared /data volume (bootstrap and rebuild jobs).
 FROM ${PYTHON_IMAGE} AS trainer

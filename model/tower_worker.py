@@ -432,10 +432,25 @@ def serve(worker: TowerWorker, socket_path: Path) -> None:
         socket_path.unlink(missing_ok=True)
 
 
+def ping(socket_path: Path, timeout_s: float = 3.0) -> int:
+    """0 when a worker answers a health frame at ``socket_path`` (prints its versions)."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout_s)
+            sock.connect(str(socket_path))
+            sock.sendall(wire.encode({"op": wire.OP_HEALTH}))
+            header, _ = wire.read_frame(sock)
+    except (OSError, ValueError) as exc:
+        print(f"tower worker at {socket_path}: {exc}")
+        return 1
+    print(f"tower worker at {socket_path}: versions {header.get('versions')}")
+    return 0 if header.get("ok") else 1
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m model.tower_worker", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("--artifacts", type=Path, required=True, help="an export directory")
+    parser.add_argument("--artifacts", type=Path, help="an export directory (required to serve)")
     parser.add_argument("--socket", type=Path, required=True, help="Unix socket path")
     parser.add_argument("--device", default="auto", help="auto (cuda if present), cuda, cpu")
     parser.add_argument("--path", default="auto", choices=PATHS)
@@ -450,7 +465,14 @@ def main(argv: list[str] | None = None) -> None:
                         help="load requests may name exports under this directory only "
                              "(default: the parent of --artifacts)")  # fmt: skip
     parser.add_argument("--log-level", default="info")
+    parser.add_argument("--ping", action="store_true",
+                        help="ask the worker at --socket for its health; exit 0 when it answers "
+                             "(a container health check)")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.ping:
+        raise SystemExit(ping(args.socket))
+    if args.artifacts is None:
+        parser.error("--artifacts is required to serve")
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
     device = args.device

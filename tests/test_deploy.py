@@ -198,7 +198,34 @@ def test_gpu_override_reserves_a_gpu(gpu_override: dict[str, Any]) -> None:
     assert device["driver"] == "nvidia"
     assert "gpu" in device["capabilities"]
     assert int(device["count"]) >= 1 or device["count"] == "all"
-    assert set(gpu_override["services"]) == {"api"}
+    assert set(gpu_override["services"]) == {"api", "tower-worker"}
+
+
+def test_gpu_override_runs_the_tower_worker_sidecar(gpu_override: dict[str, Any]) -> None:
+    """The GPU deployment serves the tower from the worker by default: a sidecar built from
+    the torch image, sharing a socket volume with the api, which it waits for."""
+    worker = gpu_override["services"]["tower-worker"]
+    api = gpu_override["services"]["api"]
+    assert worker["build"]["target"] == "tower-worker"
+    assert worker["image"].endswith(":tower-worker")
+    command = [str(part) for part in worker["command"]]
+    assert command[:3] == ["python", "-m", "model.tower_worker"]
+    socket_path = command[command.index("--socket") + 1]
+    assert command[command.index("--device") + 1] == "cuda"
+    assert command[command.index("--artifacts") + 1] == "/data/artifacts/current"
+    (device,) = worker["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+    assert "--ping" in worker["healthcheck"]["test"]
+    assert "t2diff-data:/data:ro" in worker["volumes"]
+    # One named volume holds the socket in both containers, at the same path.
+    shared = [v for v in worker["volumes"] if v.startswith("tower-socket:")]
+    assert shared == ["tower-socket:/run/t2diff"] and shared[0] in api["volumes"]
+    assert socket_path.startswith("/run/t2diff/")
+    assert "tower-socket" in gpu_override["volumes"]
+    env = _env(api)
+    assert env["T2DIFF_TOWER_WORKER_SOCKET"] == socket_path
+    assert env["T2DIFF_TOWER_BACKEND"].endswith("auto}") or env["T2DIFF_TOWER_BACKEND"] == "auto"
+    assert api["depends_on"]["tower-worker"]["condition"] == "service_healthy"
 
 
 # --------------------------------------------------------------------------- Dockerfile
@@ -242,7 +269,14 @@ def test_dockerfile_conventions() -> None:
     text = DOCKERFILE.read_text()
     stages = _dockerfile_stages()
     assert list(stages)[-1] == "runtime", "the default target must be the serving image"
-    assert {"build-cpu", "runtime-cpu", "build-gpu", "runtime-gpu", "trainer"} <= set(stages)
+    assert {
+        "build-cpu",
+        "runtime-cpu",
+        "build-gpu",
+        "runtime-gpu",
+        "trainer",
+        "tower-worker",
+    } <= set(stages)
     assert stages["runtime"] == "runtime-${VARIANT}"
     assert re.search(r"^ARG VARIANT=cpu$", text, flags=re.MULTILINE)
     # Base images pinned to a full version tag.
@@ -262,8 +296,14 @@ def test_dockerfile_conventions() -> None:
     assert "pyproject_deps.py pyproject.toml serve gpu" in text
     assert "pyproject_deps.py pyproject.toml train serve" in text
     assert re.search(r"--absent torch onnxruntime-gpu", text)
+    assert re.search(r"--absent torch onnxruntime faiss-cpu", text)  # the gpu api image too
+    # torch for the GPU only in the tower-worker stage (the sidecar), pinned like the trainer's.
+    assert (
+        'pip install --no-cache-dir "torch==${TORCH_VERSION}" --index-url "${TORCH_CUDA_INDEX}"'
+        in text
+    )
     # Non-root, health check on /healthz with python (no curl), serve by default.
-    assert text.count("USER 10001:10001") == 2
+    assert text.count("USER 10001:10001") == 3  # runtime, trainer, tower-worker
     assert re.search(
         r"HEALTHCHECK .*\n\s+CMD \[\"python\", .*healthcheck\.py\", \"/healthz\"", text
     )
@@ -292,8 +332,8 @@ def test_build_context_matches_the_python_packages() -> None:
     text = DOCKERFILE.read_text()
     for package in packages:
         assert package in allowed, f"{package}/ is not in .dockerignore's allow-list"
-        # Copied into each of the three build stages.
-        assert text.count(f"COPY {package}/ {package}/") == 3, package
+        # Copied into each of the four build stages (cpu, gpu, trainer, tower-worker).
+        assert text.count(f"COPY {package}/ {package}/") == 4, package
     readme = pyproject["project"].get("readme")
     if readme:
         assert readme in allowed and f"COPY {readme} ./" in text
