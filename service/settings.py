@@ -62,7 +62,10 @@ class Settings(BaseSettings):
     xhat_warm_seconds: float = Field(default=60.0, ge=0, le=3600)
     xhat_warm_batch: int = Field(default=32, gt=0, le=1024, description="rows per diffusion run")
     xhat_warm_threads: int | None = Field(
-        default=None, gt=0, le=64, description="startup warm threads; None = CPU cores"
+        default=None,
+        gt=0,
+        le=64,
+        description="startup warm threads; None = usable cores, at most INFERENCE_CONCURRENCY",
     )
     # After an /events write, the user's new xhat is computed in the background (a queue of
     # at most xhat_recompute_queue users, the newest dropped when full; 0 = off), so the next

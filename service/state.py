@@ -134,6 +134,7 @@ class ServiceState:
         self.errors.update(errors)
         if engine is not None:
             self._install(engine, paths)
+            settle_heap()  # nothing is served yet: the one full collection costs nothing
         try:
             self.store = SessionStore.from_settings(settings)
         except Exception as exc:  # e.g. a malformed URL: report it, do not crash
@@ -177,6 +178,7 @@ class ServiceState:
             await self.recomputer.close()
         # A diffusion batch already running finishes in its thread; queued ones are dropped.
         self._background.shutdown(wait=False, cancel_futures=True)
+        gc.unfreeze()  # this app's objects may be collected again (several apps in tests)
         if self.batcher is not None:
             await self.batcher.close()
         if self.store is not None:
@@ -242,8 +244,13 @@ class ServiceState:
         return progress
 
     async def _warm_at_startup(self, engine: RecallEngine, store: SessionStore) -> None:
-        # Nothing is served yet: normal priority, as many threads as cores by default.
-        workers = self.settings.xhat_warm_threads or os.cpu_count() or 1
+        # Nothing is served yet: normal priority, by default one thread per usable core (at
+        # most INFERENCE_CONCURRENCY: a container may see more cores than it may use).
+        settings = self.settings
+        workers = settings.xhat_warm_threads or min(
+            len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1,
+            settings.inference_concurrency,
+        )
         executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="xhat-warm")
         try:
             await self._warm(engine, store, "startup", executor, workers)
@@ -334,8 +341,9 @@ class ServiceState:
             old = self.engine
             self._install(engine, paths)
             del old, engine
-            # The old ONNX session and FAISS index are large: free them now, not whenever.
-            await anyio.to_thread.run_sync(gc.collect)
+            # The old ONNX session and FAISS index are large: free them now, not whenever
+            # (and freeze the new version's heap, see settle_heap).
+            await anyio.to_thread.run_sync(settle_heap)
             self.metrics.reloads.labels(trigger, "success").inc()
             assert self.engine is not None
             log.info(
@@ -372,6 +380,22 @@ class ServiceState:
                 await self.reload("watch")
             except Exception:  # never let the watcher die
                 log.exception("version watcher failed")
+
+
+def settle_heap() -> None:
+    """Collect garbage once, then freeze what survives (``gc.freeze``): the loaded version's
+    objects move to the permanent generation, which the cyclic GC never scans again.
+
+    Why: a full (generation 2) collection of the loaded service's heap took ~50 ms on the
+    2-core box, and request churn triggers one every 15-30 s under load; each stalled the
+    event loop and every engine thread (the collector holds the GIL), which showed up as
+    clusters of 70-120 ms recalls and a Redis write timing out (load.md, run k).  Frozen
+    objects are still freed by reference counting; ``unfreeze`` first lets the collector
+    find the cycles of a version that was just swapped out.
+    """
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
 
 
 def _manifest_models(artifacts: str, index_dir: str) -> tuple[str, str]:

@@ -363,3 +363,15 @@ def test_the_activity_zset_is_kept_by_events_and_the_bulk_loader(
     load_sessions_from_sequences(redis_url, to_sequences(frame, min_length=3), prefix=PREFIX)
     assert client_redis.zrevrange(key, 0, -1, withscores=True) == [(b"bob", 52.0), (b"alice", 12.0)]
     client_redis.close()
+
+
+def test_the_loaded_heap_is_frozen(links: Path, redis_url: str) -> None:
+    """After loading, the version's objects sit in the GC's permanent generation (no full
+    collection scans them under load: service.state.settle_heap); closing the app thaws
+    them so that another app in the same process can collect them."""
+    import gc
+
+    with TestClient(create_app(settings_for(links, redis_url, xhat_warm_users=0))) as client:
+        wait_ready(client)
+        assert gc.get_freeze_count() > 0
+    assert gc.get_freeze_count() == 0
