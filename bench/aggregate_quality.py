@@ -3,7 +3,8 @@
 ``python bench/aggregate_quality.py docs/results/raw/ml1m_run*_summary.csv
 --drop run1:t2diff,run1:t2diff_no_dp --csv docs/results/model-quality.csv``: one row per
 (model, metric) with mean, std over seeds and the seed count; ``--drop run:model`` leaves
-out a run's rows that a later, longer run of the same model replaces.
+out a run's rows that a later, longer run of the same model replaces; ``--rename
+run:variant=label`` files a run's rows under another label (a default that changed since).
 """
 
 from __future__ import annotations
@@ -35,12 +36,19 @@ ORDER = [
     "t2diff_gap3600",
     "mixed_attention_gap3600",
     "dimerec",
-    "dimerec_lr5e-4",
     "comirec_sa",
     "dimerec_no_gem",
     "dimerec_no_recon",
     "dimerec_no_ssm",
     "dimerec_no_grw",
+    "dimerec_sigma_none",
+    "dimerec_sigma_none_mu5",
+    "dimerec_std",
+    "dimerec_std_lr2e-3",
+    "dimerec_std_lr2e-3_no_gem",
+    "dimerec_std_lr2e-3_no_recon",
+    "dimerec_std_lr2e-3_no_ssm",
+    "dimerec_std_lr2e-3_no_grw",
     "popularity",
 ]
 
@@ -50,10 +58,15 @@ def main() -> None:
     parser.add_argument("summaries", nargs="+", type=Path)
     parser.add_argument("--dataset", default="ml-1m")
     parser.add_argument("--drop", default="")
+    parser.add_argument("--rename", default="", help="run:variant=label,...")
     parser.add_argument("--csv", type=Path, required=True)
     parser.add_argument("--append", action="store_true", help="add rows (another dataset)")
     args = parser.parse_args()
     dropped = {tuple(item.split(":")) for item in args.drop.split(",") if item}
+    renamed = {
+        tuple(key.split(":")): label
+        for key, _, label in (item.partition("=") for item in args.rename.split(",") if item)
+    }
     values: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for path in args.summaries:
         run = re.search(r"(run\d+)", path.name).group(1)  # type: ignore[union-attr]
@@ -64,6 +77,7 @@ def main() -> None:
                 variant = row["name"].rsplit("_s", 1)[0]
                 if (run, variant) in dropped:
                     continue
+                variant = renamed.get((run, variant), variant)
                 for metric in METRICS:
                     values[variant][metric].append(float(row[metric]))
     models = sorted(values, key=lambda m: ORDER.index(m) if m in ORDER else len(ORDER))
