@@ -1,10 +1,11 @@
-"""How much of a trained DimeRec's quality the reverse-process noise costs, without retraining.
+"""How much of a trained diffusion model's quality the reverse-process noise costs, no retraining.
 
-``python bench/dimerec_sampler.py runs/NAME [--split valid]``: the run's model evaluated by the
-harness (full ranking, seen items excluded, the fixed evaluation noise) with the reverse step's
-noise as DDPM's standard deviation (``std``), as the paper's Algorithm 2 (``variance``) and
-without noise (``none``), beside the model's own GEM ranked by the best of its K interests.
-Only ``sigma_mode`` changes between rows; training is untouched by it.
+``python bench/sampler_noise.py runs/NAME [--split valid] [--device cuda]``: the run's model
+(DimeRec or T2Diff) evaluated by the harness (full ranking, seen items excluded, the fixed
+evaluation noise) with the reverse step's noise as DDPM's standard deviation (``std``), as the
+posterior variance (``variance``: DimeRec's Algorithm 2, the T2Diff authors' code) and without
+noise (``none``); for DimeRec also its own GEM ranked by the best of its K interests. Only
+``sigma_mode`` changes between rows; training never reads it.
 """
 
 from __future__ import annotations
@@ -28,13 +29,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("run", type=Path)
     parser.add_argument("--split", choices=("valid", "test"), default="valid")
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
-    run = load_run(args.run)
+    run = load_run(args.run, args.device)
     model = run.model
-    if not isinstance(model, DimeRec) or model.dam is None:
-        raise SystemExit(f"{args.run}: not a DimeRec run with diffusion")
+    if not isinstance(getattr(model, "schedule", None), NoiseSchedule):
+        raise SystemExit(f"{args.run}: {run.meta['model_name']} has no reverse process")
     config = model.config
-    sequences = DeviceSequences.from_data(run.data, "cpu")
+    sequences = DeviceSequences.from_data(run.data, args.device)
     targets = getattr(run.split, f"{args.split}_targets")
     print(f"| {args.run.name} ({args.split}) | " + " | ".join(SHOWN) + " |")
     print("|---|" + "---|" * len(SHOWN))
@@ -49,6 +51,8 @@ def main() -> None:
             )
             metrics = evaluate(model, sequences, targets, config.max_seq_len)
             print(f"| sigma_mode={mode} | " + " | ".join(f"{metrics[m]:.4f}" for m in SHOWN) + " |")
+        if not isinstance(model, DimeRec) or model.dam is None:
+            return
         # The GEM alone, as ComiRec-SA is evaluated: each item's best score over K interests.
         model.dam, dam = None, model.dam
         metrics = evaluate(model, sequences, targets, config.max_seq_len)
