@@ -12,8 +12,9 @@ For each export (``--artifacts``, exports of ``t2diff export`` that carry ``user
    this process through ``service.remote_tower.TowerWorkerClient`` (what the service
    calls): frame encode, Unix socket, worker, answer.  The overhead of the socket is
    ``worker_socket - worker_inproc``.
-4. ``worker_socket_cN``: N client threads of B = 1 requests at once (one GPU stream
-   serialises them; the service's micro-batcher would batch them instead).
+4. ``worker_socket_cN``: N client threads of B = 1 requests at once, as N service processes
+   sharing the worker would send them (the worker computes what queued while the GPU was
+   busy as one batch; ``--no-coalesce`` on the worker to compare).
 
 Parity: every path's embeddings against ONNX Runtime CPU (the service's default path) on the
 same padded inputs and the manifest's noise (max |diff|, limit 1e-4 at tf32x3).
@@ -159,7 +160,7 @@ def bench_export(artifacts: Path, args: argparse.Namespace, rows: Rows) -> dict[
     sock = Path(tempfile.mkdtemp(prefix="t2tw-")) / "tower.sock"
     command = [sys.executable, "-m", "model.tower_worker", "--artifacts", str(artifacts),
                "--socket", str(sock), "--device", args.device, "--precision", args.precision,
-               "--num-warps", str(args.num_warps)]  # fmt: skip
+               "--num-warps", str(args.num_warps), *args.worker_args.split()]  # fmt: skip
     log_path = Path(args.out) / f"worker_w{width}.log" if args.out else Path(os.devnull)
     with open(log_path, "w") as log_file:
         proc = subprocess.Popen(command, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT)
@@ -197,8 +198,9 @@ def bench_export(artifacts: Path, args: argparse.Namespace, rows: Rows) -> dict[
                 checks[f"worker_socket_B{batch}_overhead_ms_p50"] = statistics.median(
                     s - c for s, c in zip(samples, compute, strict=True)
                 )
-            if args.concurrency > 1:
-                concurrent(client, version_name, feeds, args, rows, tag, checks)
+            for threads in (int(n) for n in str(args.concurrency).split(",")):
+                if threads > 1:
+                    concurrent(client, version_name, feeds, threads, args, rows, tag, checks)
             client.close()
         finally:
             proc.terminate()
@@ -206,11 +208,12 @@ def bench_export(artifacts: Path, args: argparse.Namespace, rows: Rows) -> dict[
     return checks
 
 
-def concurrent(client: TowerWorkerClient, version: str, feeds: dict, args: argparse.Namespace,
-               rows: Rows, tag: str, checks: dict[str, Any]) -> None:  # fmt: skip
+def concurrent(client: TowerWorkerClient, version: str, feeds: dict, threads_n: int,
+               args: argparse.Namespace, rows: Rows, tag: str,
+               checks: dict[str, Any]) -> None:  # fmt: skip
     """N threads, each sending B = 1 requests back to back: requests/s and per-request ms."""
     item_seq, time_lag = (a[:1] for a in feeds[min(feeds)])
-    per_thread = max(20, args.runs // args.concurrency)
+    per_thread = max(20, args.runs // threads_n)
     samples: list[float] = []
     lock = threading.Lock()
 
@@ -223,15 +226,15 @@ def concurrent(client: TowerWorkerClient, version: str, feeds: dict, args: argpa
         with lock:
             samples.extend(mine)
 
-    threads = [threading.Thread(target=loop) for _ in range(args.concurrency)]
+    threads = [threading.Thread(target=loop) for _ in range(threads_n)]
     started = time.perf_counter()
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     elapsed = time.perf_counter() - started
-    rows.add(f"worker_socket_c{args.concurrency}_{tag}", 1, samples)
-    checks[f"concurrent_{args.concurrency}x_B1_requests_per_s"] = round(len(samples) / elapsed, 1)
+    rows.add(f"worker_socket_c{threads_n}_{tag}", 1, samples)
+    checks[f"concurrent_{threads_n}x_B1_requests_per_s"] = round(len(samples) / elapsed, 1)
 
 
 def main() -> None:
@@ -243,7 +246,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--precision", default="tf32x3")
     parser.add_argument("--num-warps", type=int, default=4)
-    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--concurrency", default="8",
+                        help="client threads of B = 1 requests, a comma list (1 = none)")  # fmt: skip
+    parser.add_argument(
+        "--worker-args", default="", help="extra worker options, e.g. --no-coalesce"
+    )
     parser.add_argument("--machine", default="h100")
     parser.add_argument("--device", default="cuda", help="cpu: a smoke run (eager, no kernel)")
     parser.add_argument("--csv", type=Path, default=None)

@@ -482,3 +482,39 @@ def test_wire_round_trip() -> None:
     with pytest.raises(ValueError, match="not allowed"):
         wire.encode({}, [("x", np.zeros(2, np.float64))])
     assert struct.calcsize(">4sIQ") == wire.PREFIX.size
+
+
+def test_concurrent_requests_run_as_one_batch(deployment: Path) -> None:
+    """Requests that queue while the GPU (here: the CPU) is busy are computed together, and
+    each gets exactly its own rows back."""
+    import threading
+
+    from model.tower_worker import TowerWorker
+
+    worker = TowerWorker(deployment / "artifacts" / "tw-a", "cpu")
+    runner = UserTowerRunner(deployment / "artifacts" / "tw-a")
+    feeds = [_inputs(runner, batch, seed=40 + batch) for batch in (1, 2, 3)]
+    answers: dict[int, tuple[dict, np.ndarray]] = {}
+
+    def call(n: int) -> None:
+        item_seq, time_lag = feeds[n]
+        arrays = {"item_seq": item_seq, "time_lag": time_lag}
+        answers[n] = worker.embed({"model_version": "tw-a"}, arrays)
+
+    threads = [threading.Thread(target=call, args=(n,)) for n in range(3)]
+    with worker._compute:  # the device is busy: requests queue behind the first group
+        for thread in threads:
+            thread.start()
+        # The compute thread took what was queued when it woke (1 to 3 requests) and waits
+        # for the device; the rest queue.  Either way some group holds >= 2 requests.
+        deadline = time.monotonic() + 10
+        while len(worker._queue) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    for thread in threads:
+        thread.join(60)
+    rows = {n: feeds[n][0].shape[0] for n in range(3)}
+    assert any(answers[n][0]["batch_rows"] > rows[n] for n in range(3))
+    assert all(answers[n][0]["batch_rows"] >= rows[n] for n in range(3))
+    for n, (header, embedding) in answers.items():
+        assert header["ok"] and embedding.shape == (feeds[n][0].shape[0], TINY["dim"])
+        assert np.abs(embedding - _ort_embedding(runner, *feeds[n])).max() < TOL
