@@ -472,6 +472,10 @@ class _Handler(socketserver.BaseRequestHandler):
 
 class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True  # a client holding its connection open never blocks shutdown
+    # listen() backlog: socketserver's default of 5 refused connections (EAGAIN on a Unix
+    # socket) when 32 clients connected at once on the H100; service processes open
+    # connections in bursts when a batch of threads starts.
+    request_queue_size = 256
 
     def __init__(self, path: str, worker: TowerWorker) -> None:
         self.worker = worker
