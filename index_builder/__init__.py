@@ -7,6 +7,7 @@ the service, whose :class:`LoadedIndex` answers concurrent inner-product searche
 
 from index_builder.build import (
     INDEX_KIND,
+    NORM_BANDS,
     QUERY_EMBEDDINGS_FILE,
     SHORTLIST_MIN_K,
     TARGET_RECALL,
@@ -17,8 +18,10 @@ from index_builder.build import (
     default_nlist,
     default_nprobe,
     exact_topk,
+    is_norm_banded,
     load_artifacts,
     make_search_params,
+    norm_banded_partition,
     recall_at_k,
     sample_queries,
     set_search_params,
@@ -29,6 +32,7 @@ from index_builder.loaded import LoadedIndex, configure_threads, load_index
 
 __all__ = [
     "INDEX_KIND",
+    "NORM_BANDS",
     "SHORTLIST_MIN_K",
     "QUERY_EMBEDDINGS_FILE",
     "TARGET_RECALL",
@@ -41,9 +45,11 @@ __all__ = [
     "default_nlist",
     "default_nprobe",
     "exact_topk",
+    "is_norm_banded",
     "load_artifacts",
     "load_index",
     "make_search_params",
+    "norm_banded_partition",
     "recall_at_k",
     "sample_queries",
     "set_search_params",
