@@ -347,6 +347,22 @@ class TowerWorker:
         if item_seq.dtype != np.int64 or time_lag.dtype != np.float32:
             raise RequestError("bad_request", "item_seq must be int64 and time_lag float32")
         version.validate(item_seq, time_lag)
+        # Fast path: device idle and nothing queued -> compute on this thread.  Handing the
+        # request to the compute thread costs a thread wake-up each way (~0.5 ms p50 at
+        # B = 1 on the H100 run), which only pays off when requests queue.
+        if self._compute.acquire(blocking=False):
+            try:
+                with self._queue_cv:
+                    idle = not self._queue
+                if idle:
+                    started = time.perf_counter()
+                    out = version.embed(item_seq, time_lag)
+                    compute_ms = (time.perf_counter() - started) * 1000
+                    return {"ok": True, "model_version": version.model_version,
+                            "compute_ms": round(compute_ms, 4),
+                            "batch_rows": int(item_seq.shape[0])}, out  # fmt: skip
+            finally:
+                self._compute.release()
         job = _Job(version, item_seq, time_lag)
         with self._queue_cv:
             self._queue.append(job)
