@@ -10,19 +10,20 @@ xhat cache.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
+import export_fixtures
 import numpy as np
 import pytest
 import torch
+from export_fixtures import deploy_versions, point_current
 from fastapi.testclient import TestClient
 from service_fixtures import build_tiny_index, point_link
 
 from contracts import manifest as mf
 from contracts.tower import make_noise, pad_batch
-from model.export import OPSET, can_split, export_onnx, export_split_onnx
+from model.export import can_split
 from model.fast_tower import FastAttentionPart, FastDiffusionPart, FastTower
 from model.t2diff import T2Diff, T2DiffConfig
 from service.app import create_app
@@ -62,32 +63,10 @@ def item_name(row: int) -> str:
 
 
 def export_tiny_t2diff(out_dir: Path, model: T2Diff, version: str, split: bool = True) -> Path:
-    """A ``t2diff export``-shaped directory of ``model`` (what ``export_run`` writes, without
-    a training run): single graph, optionally the two parts, items, manifest."""
-    out_dir.mkdir(parents=True)
-    length = model.config.max_seq_len
-    export_onnx(model, out_dir / mf.USER_TOWER_FILE, length)
-    parts = export_split_onnx(model, out_dir, length) if split else None
-    with torch.no_grad():
-        table = model.item_embeddings()[1:].float().numpy()
-    np.save(out_dir / mf.ITEM_EMBEDDINGS_FILE, np.ascontiguousarray(table))
-    (out_dir / mf.ITEM_IDS_FILE).write_text(json.dumps([item_name(r) for r in range(N_ITEMS)]))
-    np.save(out_dir / mf.POPULARITY_FILE, np.arange(N_ITEMS, 0, -1).astype(np.float64))
-    fields = {
-        "kind": "user_tower",
-        "model_name": "t2diff",
-        "model_version": version,
-        "embedding_dim": model.config.dim,
-        "max_seq_len": length,
-        "num_items": N_ITEMS,
-        "diffusion_steps": model.config.diffusion_steps,
-        "noise_shape": list(model.noise_shape),
-        "noise_seed": NOISE_SEED,
-        "opset": OPSET,
-        **({mf.TOWER_PARTS_FIELD: parts} if parts else {}),
-    }
-    mf.write_manifest(out_dir, fields)
-    return out_dir
+    """This module's tiny export (its noise seed and item names), split by default."""
+    return export_fixtures.export_tiny_t2diff(
+        out_dir, model, version, noise_seed=NOISE_SEED, item_name=item_name, split=split
+    )
 
 
 # --------------------------------------------------------------------------- the parts
@@ -187,19 +166,17 @@ def test_xhat_cache_is_a_bounded_lru() -> None:
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Two split versions of different weights, each with its index, and ``current``."""
-    root = tmp_path_factory.mktemp("split-deploy")
-    for version, seed in (("t2d-a", 11), ("t2d-b", 12)):
-        export = export_tiny_t2diff(
-            root / "artifacts" / version, _model(seed, session_gap_s=3600.0), version
-        )
-        build_tiny_index(export, root / "indexes" / version)
-    return root
+    seeds = {"t2d-a": 11, "t2d-b": 12}
+    return deploy_versions(
+        tmp_path_factory.mktemp("split-deploy"),
+        lambda out, v: export_tiny_t2diff(out, _model(seeds[v], session_gap_s=3600.0), v),
+        tuple(seeds),
+    )
 
 
 @pytest.fixture
 def links(deployment: Path) -> Iterator[Path]:
-    for kind in ("indexes", "artifacts"):
-        point_link(deployment / kind / "current", "t2d-a")
+    point_current(deployment, "t2d-a")
     yield deployment
 
 

@@ -26,20 +26,18 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from export_fixtures import deploy_versions, export_tiny_t2diff, point_current
 from fastapi.testclient import TestClient
 from model_fixtures import perturbed_t2diff
-from service_fixtures import build_tiny_index, point_link
+from service_fixtures import point_link
 
 from contracts import manifest as mf
 from contracts import tower_wire as wire
 from contracts.tower import pad_batch
-from model.export import OPSET, export_onnx, save_torch_tower
 from model.t2diff import T2Diff
 from service.app import create_app
 from service.remote_tower import TowerBackend, TowerWorkerClient, WorkerError, WorkerRefused
@@ -63,33 +61,9 @@ def item_name(row: int) -> str:
 def export_version(out_dir: Path, model: T2Diff, version: str) -> Path:
     """What ``t2diff export`` writes for ``model`` (ONNX tower, torch checkpoint, items,
     manifest), without a training run."""
-    out_dir.mkdir(parents=True)
-    length = model.config.max_seq_len
-    export_onnx(model, out_dir / mf.USER_TOWER_FILE, length)
-    meta = {"model_name": "t2diff", "model_config": asdict(model.config)}
-    save_torch_tower(model, meta, out_dir / mf.TORCH_TOWER_FILE, np.ones(N_ITEMS + 1))
-    with torch.no_grad():
-        table = model.item_embeddings()[1:].float().numpy()
-    np.save(out_dir / mf.ITEM_EMBEDDINGS_FILE, np.ascontiguousarray(table))
-    (out_dir / mf.ITEM_IDS_FILE).write_text(json.dumps([item_name(r) for r in range(N_ITEMS)]))
-    np.save(out_dir / mf.POPULARITY_FILE, np.arange(N_ITEMS, 0, -1).astype(np.float64))
-    mf.write_manifest(
-        out_dir,
-        {
-            "kind": "user_tower",
-            "model_name": "t2diff",
-            "model_version": version,
-            "embedding_dim": model.config.dim,
-            "max_seq_len": length,
-            "num_items": N_ITEMS,
-            "diffusion_steps": model.config.diffusion_steps,
-            "noise_shape": list(model.noise_shape),
-            "noise_seed": NOISE_SEED,
-            "opset": OPSET,
-            mf.TORCH_TOWER_FIELD: mf.TORCH_TOWER_FILE,
-        },
+    return export_tiny_t2diff(
+        out_dir, model, version, noise_seed=NOISE_SEED, item_name=item_name, torch_tower=True
     )
-    return out_dir
 
 
 class Worker:
@@ -143,12 +117,13 @@ class Worker:
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Two versions (different weights), each with its FAISS index; ``current`` -> a."""
-    root = tmp_path_factory.mktemp("worker-deploy")
-    for version, seed in (("tw-a", 21), ("tw-b", 22)):
-        export = export_version(root / "artifacts" / version, perturbed_t2diff(TINY, seed), version)
-        build_tiny_index(export, root / "indexes" / version)
-    for kind in ("indexes", "artifacts"):
-        point_link(root / kind / "current", "tw-a")
+    seeds = {"tw-a": 21, "tw-b": 22}
+    root = deploy_versions(
+        tmp_path_factory.mktemp("worker-deploy"),
+        lambda out, v: export_version(out, perturbed_t2diff(TINY, seeds[v]), v),
+        tuple(seeds),
+    )
+    point_current(root, "tw-a")
     return root
 
 

@@ -23,9 +23,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import redis
+from export_fixtures import deploy_versions, point_current
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
-from service_fixtures import build_tiny_index, point_link
+from service_fixtures import point_link
 from test_split_tower import N_ITEMS, _model, export_tiny_t2diff, item_name
 
 from contracts.sessions import active_users_key
@@ -44,19 +45,17 @@ START = 1_700_000_000.0
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Two split versions (different weights), each with its index."""
-    root = tmp_path_factory.mktemp("warm-deploy")
-    for version, seed in (("warm-a", 21), ("warm-b", 22)):
-        export = export_tiny_t2diff(
-            root / "artifacts" / version, _model(seed, session_gap_s=3600.0), version
-        )
-        build_tiny_index(export, root / "indexes" / version)
-    return root
+    seeds = {"warm-a": 21, "warm-b": 22}
+    return deploy_versions(
+        tmp_path_factory.mktemp("warm-deploy"),
+        lambda out, v: export_tiny_t2diff(out, _model(seeds[v], session_gap_s=3600.0), v),
+        tuple(seeds),
+    )
 
 
 @pytest.fixture
 def links(deployment: Path) -> Iterator[Path]:
-    for kind in ("indexes", "artifacts"):
-        point_link(deployment / kind / "current", "warm-a")
+    point_current(deployment, "warm-a")
     yield deployment
 
 
