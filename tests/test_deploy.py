@@ -720,3 +720,62 @@ def test_bootstrap_loads_sessions_only_into_an_empty_redis(
     third, calls = _run_bootstrap(tmp_path, T2DIFF_BOOTSTRAP_SESSIONS="always", **env)
     assert third.returncode == 0 and calls[-1].startswith("sessions load")
     client.delete(key)
+
+
+def test_gpu_overlay_adds_the_tower_worker_sidecar() -> None:
+    """deploy/k8s-gpu: the api pod gets the worker as a native sidecar (an init container
+    that keeps running) on one GPU, sharing a socket volume with the api container, whose
+    env selects it; the patch names containers and volumes the base Deployment has."""
+    overlay = DEPLOY / "k8s-gpu"
+    (kustomization,) = yaml_load_all((overlay / "kustomization.yaml").read_text())
+    assert kustomization["resources"] == ["../k8s"]
+    (patch_ref,) = kustomization["patches"]
+    (patch,) = yaml_load_all((overlay / patch_ref["path"]).read_text())
+    (base,) = _by_kind("Deployment")
+    assert (patch["kind"], patch["metadata"]["name"]) == ("Deployment", base["metadata"]["name"])
+    pod, base_pod = _pod_spec(patch), _pod_spec(base)
+    (worker,) = pod["initContainers"]
+    assert worker["restartPolicy"] == "Always"
+    assert worker["image"] in {image["name"] for image in kustomization["images"]}
+    command = [str(part) for part in worker["command"]]
+    assert command[:3] == ["python", "-m", "model.tower_worker"]
+    socket_path = command[command.index("--socket") + 1]
+    assert command[command.index("--device") + 1] == "cuda"
+    assert command[command.index("--artifacts") + 1] == "/data/artifacts/current"
+    for probe in ("startupProbe", "livenessProbe"):
+        assert "--ping" in worker[probe]["exec"]["command"]
+    assert worker["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert "memory" in worker["resources"]["requests"]
+    (api,) = pod["containers"]
+    assert api["name"] in {c["name"] for c in base_pod["containers"]}
+    env = {item["name"]: item["value"] for item in api["env"]}
+    assert env == {"T2DIFF_TOWER_BACKEND": "auto", "T2DIFF_TOWER_WORKER_SOCKET": socket_path}
+    socket_dir = str(Path(socket_path).parent)
+    for container in (worker, api):
+        mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+        assert mounts["tower-socket"] == socket_dir
+    assert {"name": "models", "mountPath": "/data", "readOnly": True} in worker["volumeMounts"]
+    assert "models" in {v["name"] for v in base_pod["volumes"]}
+    (volume,) = pod["volumes"]
+    assert volume["name"] == "tower-socket" and "emptyDir" in volume
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (kustomize) not installed")
+def test_gpu_overlay_renders_with_kustomize() -> None:
+    """`kubectl kustomize deploy/k8s-gpu` merges the patch into the base Deployment (the
+    overlay lives beside deploy/k8s, not in it: kustomize refuses a root inside its base)."""
+    rendered = subprocess.run(
+        ["kubectl", "kustomize", str(DEPLOY / "k8s-gpu")],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout
+    (deployment,) = [d for d in yaml_load_all(rendered) if d and d["kind"] == "Deployment"]
+    pod = _pod_spec(deployment)
+    assert [c["name"] for c in pod["initContainers"]] == ["tower-worker"]
+    assert pod["initContainers"][0]["image"].endswith(":0.1.0-tower-worker")
+    (api,) = pod["containers"]
+    assert "readinessProbe" in api and api["envFrom"]  # the base container, patched
+    assert {e["name"] for e in api["env"]} == {"T2DIFF_TOWER_BACKEND", "T2DIFF_TOWER_WORKER_SOCKET"}
+    assert {v["name"] for v in pod["volumes"]} == {"models", "tmp", "tower-socket"}
