@@ -89,7 +89,9 @@ def test_watcher_follows_a_promotion_and_waits_for_both_links(links: Path, redis
         time.sleep(0.4)
         assert versions(c) == (A, A)
         point_link(links / "artifacts" / "current", B)
-        deadline = time.monotonic() + 10
+        # A bound on waiting, not a timing claim: loading (ORT sessions, FAISS, warm-up) on a
+        # 2-core box shared with load tests once took longer than 10 s.
+        deadline = time.monotonic() + 60
         while versions(c) != (B, B):
             assert time.monotonic() < deadline, "watcher did not load the promoted version"
             time.sleep(0.05)
