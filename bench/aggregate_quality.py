@@ -63,10 +63,12 @@ def main() -> None:
     parser.add_argument("--append", action="store_true", help="add rows (another dataset)")
     args = parser.parse_args()
     dropped = {tuple(item.split(":")) for item in args.drop.split(",") if item}
-    renamed = {
-        tuple(key.split(":")): label
-        for key, _, label in (item.partition("=") for item in args.rename.split(",") if item)
-    }
+    renamed: dict[tuple[str, ...], str] = {}
+    for item in filter(None, args.rename.split(",")):
+        key, _, label = item.partition("=")
+        if not re.fullmatch(r"run\d+:[^:=]+", key) or not label:
+            parser.error(f"--rename {item!r}: expected run<N>:variant=label")
+        renamed[tuple(key.split(":"))] = label
     values: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for path in args.summaries:
         run = re.search(r"(run\d+)", path.name).group(1)  # type: ignore[union-attr]
