@@ -292,3 +292,54 @@ def test_cli_train_evaluate_export_and_serve(tmp_path: Path, redis_url: str) -> 
             client.post("/recall", json={"user_id": "u3", "k": 5}).json()["items"]
             == (body["items"])
         )
+
+
+def test_sampler_noise_bench_rescores_a_run_and_refuses_models_without_diffusion(
+    tmp_path: Path,
+) -> None:
+    """bench/sampler_noise.py: one row per sigma mode plus the GEM row for a DimeRec run;
+    a run without a reverse process is refused with its model name."""
+    import subprocess
+    import sys
+
+    from typer.testing import CliRunner
+
+    from t2diff_cli.main import app
+
+    runner = CliRunner()
+
+    def cli(*args: str) -> None:
+        result = runner.invoke(app, list(args))
+        assert result.exit_code == 0, result.output
+
+    data = tmp_path / "data"
+    cli("data", "synth", "--out", str(data), "--users", "80", "--items", "40", "--clusters", "4")
+    common = ("--epochs", "1", "--device", "cpu", "--no-progress")
+    cli("train", "--data", str(data), "--out", str(tmp_path / "dime"), "--model", "dimerec",
+        *common, "--set", "dim=16", "--set", "dam_hidden=32", "--set", "diffusion_steps=4")  # fmt: skip
+    cli(
+        "train",
+        "--data",
+        str(data),
+        "--out",
+        str(tmp_path / "pop"),
+        "--model",
+        "popularity",
+        *common,
+    )
+    script = Path(__file__).resolve().parents[1] / "bench" / "sampler_noise.py"
+
+    def bench(run: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, str(script), str(tmp_path / run)], capture_output=True, text=True
+        )
+
+    result = bench("dime")
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| sigma_mode=")]
+    assert [row.split("|")[1].strip() for row in rows] == [
+        "sigma_mode=std", "sigma_mode=variance", "sigma_mode=none",
+    ]  # fmt: skip
+    assert "| GEM, max over K |" in result.stdout
+    refused = bench("pop")
+    assert refused.returncode != 0 and "popularity has no reverse process" in refused.stderr
