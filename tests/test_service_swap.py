@@ -46,6 +46,11 @@ def settings_for(root: Path, redis_url: str, **overrides) -> Settings:
         "index_dir": root / "indexes" / "current",
         "redis_url": redis_url,
         "budget_ms": 5000,
+        # These tests are about swapping, not Redis timing: a swap's GC pass and the
+        # loading thread can hold the GIL past the 50 ms production socket timeout on a
+        # loaded 2-core CI box, which answered one recall degraded (redis_timeout).
+        "redis_timeout_ms": 2000,
+        "redis_pool_timeout_ms": 2000,
         "watch_interval_s": 0,
         "admin_token": TOKEN,
     }
@@ -123,6 +128,7 @@ def test_swap_under_load_loses_nothing_and_never_mixes(links: Path, redis_url: s
             c.post("/events", json={"user_id": f"s{n}", "item_id": item_id(n)})
         stop = threading.Event()
         seen: list[tuple[int, str, str, bool]] = []
+        reasons: list[str | None] = []
 
         def stream(n: int) -> None:
             while not stop.is_set():
@@ -132,6 +138,7 @@ def test_swap_under_load_loses_nothing_and_never_mixes(links: Path, redis_url: s
                     (r.status_code, body.get("model_version"), body.get("index_version"),
                      body.get("degraded"))
                 )  # fmt: skip
+                reasons.append(body.get("degraded_reason"))
 
         with ThreadPoolExecutor(max_workers=4) as pool:
             futures = [pool.submit(stream, n) for n in range(4)]
@@ -145,7 +152,7 @@ def test_swap_under_load_loses_nothing_and_never_mixes(links: Path, redis_url: s
                 f.result()
     assert len(seen) > 20
     assert {status for status, *_ in seen} == {200}
-    assert {degraded for *_, degraded in seen} == {False}
+    assert {degraded for *_, degraded in seen} == {False}, set(reasons)
     pairs = {(model, index) for _, model, index, _ in seen}
     assert pairs <= {(A, A), (B, B)} and len(pairs) == 2
 
