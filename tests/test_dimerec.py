@@ -283,7 +283,11 @@ def test_cli_train_evaluate_export_and_serve(tmp_path: Path, redis_url: str) -> 
     index = tmp_path / "indexes" / "v1"
     cli("build-index", "--artifacts", str(artifacts), "--out", str(index))
     cli("sessions", "load", "--data", str(data), "--redis-url", redis_url)
-    settings = Settings(artifacts_dir=artifacts, index_dir=index, redis_url=redis_url)
+    # Generous timeouts: a loaded 2-core CI box must not turn this into a degraded answer.
+    settings = Settings(
+        artifacts_dir=artifacts, index_dir=index, redis_url=redis_url,
+        redis_timeout_ms=1000, redis_pool_timeout_ms=1000, budget_ms=5000,
+    )  # fmt: skip
     with TestClient(create_app(settings)) as client:
         assert client.get("/readyz").status_code == 200
         body = client.post("/recall", json={"user_id": "u3", "k": 5}).json()
