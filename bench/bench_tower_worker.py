@@ -21,6 +21,15 @@ same padded inputs and the manifest's noise (max |diff|, limit 1e-4 at tf32x3).
 
     python3 bench/bench_tower_worker.py --artifacts artifacts/ml1m-t2diff_w16_s2-pt \
         --batches 1,8,64,256 --runs 200 --csv $OUT/worker.csv --out $OUT
+
+``--overhead-only`` (no GPU needed): the worker's overhead alone, round trip minus the
+compute time the worker reports, with a no-op compute (``noop``), an idle wait of N ms
+(``sleepN``, as while a GPU computes) or a real path (``eager``, ``fused``); worker and
+client run as child processes of each ``--code-root`` (old and new checkouts in one run):
+
+    python3 bench/bench_tower_worker.py --overhead-only --artifacts artifacts/ml1m-t2diff_w16_s2-pt \
+        --device cpu --overhead-compute noop,sleep3 --batches 1,64,256 --rounds 2 \
+        --code-root old=/tmp/t2diff-old --code-root new=. --csv overhead.csv
 """
 
 from __future__ import annotations
@@ -40,7 +49,10 @@ from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+# The code under test: this checkout, or another one (``--overhead-only --code-root``
+# starts this script's worker and client children with T2DIFF_BENCH_CODE_ROOT pointing at
+# it, so that an old and a new worker/client are compared in one run on one machine).
+ROOT = Path(os.environ.get("T2DIFF_BENCH_CODE_ROOT") or Path(__file__).resolve().parents[1])
 sys.path.insert(0, str(ROOT))
 
 from contracts import tower_wire as wire  # noqa: E402
@@ -237,6 +249,139 @@ def concurrent(client: TowerWorkerClient, version: str, feeds: dict, threads_n: 
     checks[f"concurrent_{threads_n}x_B1_requests_per_s"] = round(len(samples) / elapsed, 1)
 
 
+# --------------------------------------------------------------------------- overhead only
+
+
+def noop_worker(argv: list[str]) -> None:
+    """Child process: ROOT's worker whose compute is a no-op (zeros of the answer's shape),
+    everything else as served: frames, socket, threads, validation, version lookup.  A round
+    trip to it is the overhead alone, free of the compute's own noise."""
+    from model import tower_worker
+
+    # sleepN: the compute waits N ms with the CPU idle, as the worker does while the GPU
+    # runs the kernel (the client's core idles as long): wake-ups after an idle wait cost
+    # more than in a tight loop.
+    sleep_s = float(os.environ.get("T2DIFF_BENCH_NOOP_SLEEP_MS", "0")) / 1000
+
+    def embed(self: Any, item_seq: np.ndarray, time_lag: np.ndarray) -> np.ndarray:
+        if sleep_s:
+            time.sleep(sleep_s)
+        return np.zeros((item_seq.shape[0], self.embedding_dim), np.float32)
+
+    tower_worker.TowerVersion.embed = embed  # type: ignore[method-assign]
+    tower_worker.main(argv)
+
+
+def overhead_client(args: argparse.Namespace) -> None:
+    """Child process: ``--runs`` round trips per batch through ROOT's ``TowerWorkerClient``
+    (the service's client); prints {batch: {"rt_ms": [...], "compute_ms": [...]}} as JSON."""
+    manifest = read_manifest(args.artifacts[0], verify=False)
+    client = TowerWorkerClient(args.socket, timeout_s=60.0)
+    deadline = time.monotonic() + 300
+    while True:
+        try:
+            version_name = client.health()["model_version"]
+            break
+        except WorkerError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+    header = {"op": wire.OP_EMBED, "model_version": version_name}
+    result: dict[int, dict[str, list[float]]] = {}
+    for batch in (int(b) for b in args.batches.split(",")):
+        item_seq, time_lag = inputs(manifest, batch, seed=batch)
+        arrays = [("item_seq", item_seq), ("time_lag", time_lag)]
+        for _ in range(args.warmup):
+            client.request(header, arrays)
+        rt, compute = [], []
+        for _ in range(args.runs):
+            t0 = time.perf_counter()
+            answer, _ = client.request(header, arrays)
+            rt.append((time.perf_counter() - t0) * 1000)
+            compute.append(float(answer["compute_ms"]))
+        result[batch] = {"rt_ms": rt, "compute_ms": compute}
+    client.close()
+    print(json.dumps(result))
+
+
+def overhead_only(args: argparse.Namespace, rows: Rows) -> dict[str, Any]:
+    """Round trip minus the worker's compute (and the round trip to a no-op worker), for
+    each ``--code-root`` (LABEL=DIR; default: this checkout), alternated over ``--rounds``
+    so that old and new code share the machine's state.  Worker and client are both child
+    processes of the code under test, as the worker and the service are."""
+    roots = [r.partition("=")[::2] for r in args.code_root] or [("this", str(ROOT))]
+    batches = [int(b) for b in args.batches.split(",")]
+    samples: dict[tuple[str, str, int], dict[str, list[float]]] = {}
+    checks: dict[str, Any] = {"loadavg_start": Path("/proc/loadavg").read_text().strip()}
+    print(f"loadavg at start: {checks['loadavg_start']}", flush=True)
+    for round_n in range(args.rounds):
+        for label, root in roots:
+            for compute in args.overhead_compute.split(","):
+                sock = Path(tempfile.mkdtemp(prefix="t2tw-", dir="/tmp")) / "tower.sock"
+                worker_args = ["--artifacts", str(args.artifacts[0]), "--socket", str(sock),
+                               "--device", args.device, "--log-level", "warning",
+                               *args.worker_args.split()]  # fmt: skip
+                env = {**os.environ, "T2DIFF_BENCH_CODE_ROOT": root, "PYTHONPATH": root}
+                if compute == "noop" or compute.startswith("sleep"):
+                    command = [sys.executable, __file__, "--noop-worker", *worker_args]
+                    env["T2DIFF_BENCH_NOOP_SLEEP_MS"] = compute.removeprefix("sleep").replace(
+                        "noop", "0"
+                    )
+                else:
+                    command = [sys.executable, "-m", "model.tower_worker", "--path", compute,
+                               *worker_args]  # fmt: skip
+                worker = subprocess.Popen(command, cwd=root, env=env)
+                try:
+                    client = subprocess.run(
+                        [sys.executable, __file__, "--overhead-client", "--socket", str(sock),
+                         "--artifacts", str(args.artifacts[0]), "--batches", args.batches,
+                         "--runs", str(args.runs), "--warmup", str(args.warmup)],
+                        cwd=root, env=env, capture_output=True, text=True, check=False,
+                    )  # fmt: skip
+                finally:
+                    worker.terminate()
+                    worker.wait(30)
+                if client.returncode != 0:
+                    raise RuntimeError(f"client ({label}, {compute}): {client.stderr[-2000:]}")
+                got = json.loads(client.stdout.strip().splitlines()[-1])
+                for batch in batches:
+                    cell = samples.setdefault((label, compute, batch),
+                                              {"rt": [], "over": [], "compute": []})  # fmt: skip
+                    rt, comp = got[str(batch)]["rt_ms"], got[str(batch)]["compute_ms"]
+                    cell["rt"] += rt
+                    cell["compute"] += comp
+                    cell["over"] += [r - c for r, c in zip(rt, comp, strict=True)]
+                print(f"  round {round_n + 1}/{args.rounds} {label} {compute}: done", flush=True)
+    for (label, compute, batch), cell in sorted(samples.items()):
+        # roundtrip: the service's tower stage; overhead: round trip minus the worker's own
+        # compute time (in each answer); compute: that time (the staging copies included).
+        for kind in ("rt", "over", "compute"):
+            if kind == "compute" and compute == "noop":
+                continue
+            name = {"rt": "roundtrip", "over": "overhead", "compute": "compute"}[kind]
+            rows.add(f"{name}_{compute}_{label}", batch, cell[kind])
+            p50, p95, p99 = percentiles(cell[kind])
+            checks[f"{name}_{compute}_{label}_B{batch}_ms"] = {
+                "p50": round(p50, 4), "p95": round(p95, 4), "p99": round(p99, 4),
+            }  # fmt: skip
+    checks["loadavg_end"] = Path("/proc/loadavg").read_text().strip()
+    print(f"loadavg at end: {checks['loadavg_end']}", flush=True)
+    return checks
+
+
+def write_outputs(args: argparse.Namespace, rows: Rows, all_checks: list[dict[str, Any]]) -> None:
+    if args.csv:
+        with open(args.csv, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(HEADER)
+            writer.writerows(rows.rows)
+    text = json.dumps(all_checks, indent=2, default=str)
+    print(text)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "checks.json").write_text(text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
@@ -255,7 +400,38 @@ def main() -> None:
     parser.add_argument("--device", default="cuda", help="cpu: a smoke run (eager, no kernel)")
     parser.add_argument("--csv", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=None, help="checks.json and worker logs")
+    parser.add_argument("--overhead-only", action="store_true",
+                        help="only the worker's overhead: round trip minus the worker's compute "
+                             "(and round trip to a no-op worker); CPU is enough")  # fmt: skip
+    parser.add_argument("--overhead-compute", default="noop",
+                        help="with --overhead-only: worker computes, a comma list of noop "
+                             "(zeros, the overhead alone), sleepN (zeros after N ms of idle "
+                             "CPU, as while a GPU computes) and --path values (eager, fused)")  # fmt: skip
+    parser.add_argument("--code-root", action="append", default=[], metavar="LABEL=DIR",
+                        help="with --overhead-only: the checkout whose worker and client are "
+                             "timed, repeatable (e.g. old=/tmp/t2diff-old new=.)")  # fmt: skip
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="with --overhead-only: alternate the code roots this many times",
+    )
+    parser.add_argument("--overhead-client", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--socket", type=Path, default=None, help=argparse.SUPPRESS)
+    if len(sys.argv) > 1 and sys.argv[1] == "--noop-worker":
+        noop_worker(sys.argv[2:])
+        return
     args = parser.parse_args()
+    if args.overhead_client:
+        overhead_client(args)
+        return
+    if args.overhead_only:
+        # No torch in this process: the children import what their code root needs.
+        rows = Rows(args.machine, int(read_manifest(args.artifacts[0], verify=False)
+                                      ["diffusion_steps"]))  # fmt: skip
+        checks = overhead_only(args, rows)
+        write_outputs(args, rows, [checks])
+        return
     import torch
 
     # fp32 for the attention half, as in the worker (parity).
@@ -272,15 +448,7 @@ def main() -> None:
         rows = rows or Rows(args.machine, int(manifest["diffusion_steps"]))
         all_checks.append(bench_export(artifacts, args, rows))
     assert rows is not None
-    if args.csv:
-        with open(args.csv, "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(HEADER)
-            writer.writerows(rows.rows)
-    text = json.dumps(all_checks, indent=2, default=str)
-    print(text)
-    if args.out:
-        (args.out / "checks.json").write_text(text)
+    write_outputs(args, rows, all_checks)
     worst = max(v for c in all_checks for k, v in c.items() if k.endswith("vs_ort"))
     print(f"largest |diff| vs ONNX Runtime CPU: {worst:.2e} (limit 1e-4)")
 

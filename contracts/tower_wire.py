@@ -33,11 +33,17 @@ Requests (``op``):
 An answer with ``"ok": false`` carries ``"error"`` (a short code: ``bad_frame``,
 ``bad_request``, ``version_mismatch``, ``load_failed``, ``internal``) and ``"detail"``.
 After ``bad_frame`` the worker closes the connection (the stream cannot be trusted).
+
+Sending and reading: :func:`send_frame` (one ``sendmsg`` of the header and the arrays' own
+memory) and :class:`FrameReader` (a connection's buffered reader) are what the worker and
+the service's client use; :func:`encode` / :func:`read_frame` give and read the same bytes
+one frame at a time.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import socket
 import struct
 from collections.abc import Sequence
@@ -51,6 +57,15 @@ MAX_HEADER_BYTES = 64 * 1024
 # 256 rows x L = 200 x (8 + 4) bytes is 0.6 MB; 64 MB leaves room and bounds a bad length.
 DEFAULT_MAX_PAYLOAD = 64 * 1024 * 1024
 ALLOWED_DTYPES = {"int64": np.dtype("<i8"), "float32": np.dtype("<f4")}
+# dtype -> its wire name by dict lookup: str(array.dtype) costs ~4 us per array, a sizeable
+# part of a B = 1 frame's encode.  Only these exact (little-endian) dtypes are keys, as
+# str() refused ">i8" before.
+_WIRE_NAMES = {dtype: name for name, dtype in ALLOWED_DTYPES.items()}
+# One encoder object: json.dumps(separators=...) builds a new one per call.
+_JSON = json.JSONEncoder(separators=(",", ":"))
+# A connection's receive buffer (FrameReader): a B = 256 frame of ML-1M shapes (51 KB in,
+# 64 KB out) arrives in one recv; larger payloads are read into their own buffer.
+READ_BUFFER_BYTES = 256 * 1024
 
 OP_HEALTH = "health"
 OP_LOAD = "load"
@@ -65,23 +80,79 @@ class PeerClosed(ConnectionError):
     """The other side closed the connection (cleanly, between frames, or mid-frame)."""
 
 
+Buffer = bytes | bytearray | memoryview | np.ndarray
+# Entries of a header cache (frame_parts' head_cache, FrameReader's cache_headers): one per
+# distinct header, e.g. (model version, batch size); emptied when full.
+HEADER_CACHE_SIZE = 256
+
+
+def frame_parts(
+    header: dict[str, Any],
+    arrays: Sequence[tuple[str, np.ndarray]] = (),
+    head_cache: dict[Any, bytes] | None = None,
+) -> tuple[list[Buffer], int]:
+    """One frame as a list of buffers for a single ``sendmsg`` (prefix + header, then each
+    array's own memory: no copy of contiguous arrays) and its byte count.
+
+    ``head_cache``: a dict kept by the caller, (header items, array specs) -> the encoded
+    prefix + header, for a sender whose headers repeat (the client's embed requests: one
+    per version and batch size); the JSON encode is then skipped."""
+    datas: list[np.ndarray] = []
+    keys: list[tuple[str, str, tuple[int, ...]]] = []
+    payload_len = 0
+    for name, array in arrays:
+        dtype_name = _WIRE_NAMES.get(array.dtype)
+        if dtype_name is None:
+            raise ValueError(f"array {name}: dtype {array.dtype} is not allowed on the wire")
+        data = array
+        if not (isinstance(data, np.ndarray) and data.flags.c_contiguous):
+            # np.require keeps 0-d arrays 0-d (ascontiguousarray would make them 1-d).
+            data = np.require(array, dtype=ALLOWED_DTYPES[dtype_name], requirements="C")
+        keys.append((name, dtype_name, data.shape))
+        datas.append(data)
+        payload_len += data.nbytes
+    key: Any = None
+    first = None
+    if head_cache is not None:
+        try:
+            key = (tuple(header.items()), tuple(keys))
+            first = head_cache.get(key)
+        except TypeError:  # an unhashable header value: not cached
+            key = None
+    if first is None:
+        specs = [{"name": n, "dtype": d, "shape": list(shape)} for n, d, shape in keys]
+        head = _JSON.encode({**header, "arrays": specs}).encode()
+        if len(head) > MAX_HEADER_BYTES:
+            raise ValueError(f"header of {len(head)} bytes exceeds {MAX_HEADER_BYTES}")
+        first = PREFIX.pack(MAGIC, len(head), payload_len) + head
+        if key is not None and head_cache is not None:
+            if len(head_cache) >= HEADER_CACHE_SIZE:
+                head_cache.clear()
+            head_cache[key] = first
+    parts: list[Buffer] = [first]
+    parts += [data for data in datas if data.nbytes]
+    return parts, len(first) + payload_len
+
+
 def encode(header: dict[str, Any], arrays: Sequence[tuple[str, np.ndarray]] = ()) -> bytes:
     """One frame: ``header`` (``"arrays"`` is filled in) and the arrays' bytes."""
-    specs: list[dict[str, Any]] = []
-    chunks: list[bytes] = []
-    for name, array in arrays:
-        dtype_name = str(array.dtype)
-        if dtype_name not in ALLOWED_DTYPES:
-            raise ValueError(f"array {name}: dtype {dtype_name} is not allowed on the wire")
-        # np.require keeps 0-d arrays 0-d (ascontiguousarray would make them 1-d).
-        data = np.require(array, dtype=ALLOWED_DTYPES[dtype_name], requirements="C")
-        specs.append({"name": name, "dtype": dtype_name, "shape": list(data.shape)})
-        chunks.append(data.tobytes())
-    head = json.dumps({**header, "arrays": specs}, separators=(",", ":")).encode()
-    if len(head) > MAX_HEADER_BYTES:
-        raise ValueError(f"header of {len(head)} bytes exceeds {MAX_HEADER_BYTES}")
-    payload = b"".join(chunks)
-    return PREFIX.pack(MAGIC, len(head), len(payload)) + head + payload
+    parts, _ = frame_parts(header, arrays)
+    return b"".join(parts)
+
+
+def send_parts(sock: socket.socket, parts: list[Buffer], total: int) -> None:
+    """Send a frame of :func:`frame_parts` with one ``sendmsg`` (one syscall, no joined
+    copy); the rare partial send (a payload larger than the socket's buffer) is finished
+    with ``sendall``."""
+    sent = sock.sendmsg(parts)
+    if sent < total:
+        sock.sendall(memoryview(b"".join(parts))[sent:])
+
+
+def send_frame(
+    sock: socket.socket, header: dict[str, Any], arrays: Sequence[tuple[str, np.ndarray]] = ()
+) -> None:
+    send_parts(sock, *frame_parts(header, arrays))
 
 
 def _recv_exact(sock: socket.socket, size: int, started: bool) -> bytes:
@@ -97,20 +168,22 @@ def _recv_exact(sock: socket.socket, size: int, started: bool) -> bytes:
     return bytes(buffer)
 
 
-def read_frame(
-    sock: socket.socket, max_payload: int = DEFAULT_MAX_PAYLOAD
-) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """The next frame from ``sock``: (header, {name: array}).  Raises :class:`PeerClosed`
-    when the peer is gone, :class:`FrameError` when the bytes break the format."""
-    magic, head_len, payload_len = PREFIX.unpack(_recv_exact(sock, PREFIX.size, False))
+def _check_prefix(magic: bytes, head_len: int, payload_len: int, max_payload: int) -> None:
     if magic != MAGIC:
         raise FrameError(f"bad magic {magic!r}")
     if head_len > MAX_HEADER_BYTES:
         raise FrameError(f"header of {head_len} bytes exceeds {MAX_HEADER_BYTES}")
     if payload_len > max_payload:
         raise FrameError(f"payload of {payload_len} bytes exceeds {max_payload}")
+
+
+def _parse_header(
+    head: bytes, payload_len: int
+) -> tuple[dict[str, Any], list[tuple[str, np.dtype, tuple[int, ...], int]]]:
+    """The header object and its arrays' layout, every spec (and the byte total) checked
+    before any payload byte is used."""
     try:
-        header = json.loads(_recv_exact(sock, head_len, True).decode("utf-8"))
+        header = json.loads(head.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise FrameError(f"header is not UTF-8 JSON: {exc}") from exc
     if not isinstance(header, dict):
@@ -118,7 +191,6 @@ def read_frame(
     specs = header.get("arrays", [])
     if not isinstance(specs, list):
         raise FrameError("header arrays is not a list")
-    # Validate every spec (and the byte total) before reading the payload.
     layout: list[tuple[str, np.dtype, tuple[int, ...], int]] = []
     total = 0
     for spec in specs:
@@ -127,19 +199,25 @@ def read_frame(
         name, dtype_name, shape = spec.get("name"), spec.get("dtype"), spec.get("shape")
         if not isinstance(name, str) or dtype_name not in ALLOWED_DTYPES:
             raise FrameError(f"array spec {spec!r}: bad name or dtype")
+        # type(n) is int: bools (an int subclass) and floats are refused.
         if (
             not isinstance(shape, list)
             or len(shape) > 8
-            or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)
+            or not all(type(n) is int and n >= 0 for n in shape)
         ):
             raise FrameError(f"array {name}: bad shape {shape!r}")
         dtype = ALLOWED_DTYPES[dtype_name]
-        size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize if shape else dtype.itemsize
+        size = math.prod(shape) * dtype.itemsize
         total += size
         layout.append((name, dtype, tuple(shape), size))
     if total != payload_len:
         raise FrameError(f"arrays need {total} bytes, payload has {payload_len}")
-    payload = _recv_exact(sock, payload_len, True) if payload_len else b""
+    return header, layout
+
+
+def _arrays(
+    payload: bytes, layout: list[tuple[str, np.dtype, tuple[int, ...], int]]
+) -> dict[str, np.ndarray]:
     arrays: dict[str, np.ndarray] = {}
     offset = 0
     for name, dtype, shape, size in layout:
@@ -148,4 +226,106 @@ def read_frame(
         arrays[name] = np.frombuffer(payload, dtype=dtype, count=size // dtype.itemsize,
                                      offset=offset).reshape(shape)  # fmt: skip
         offset += size
-    return header, arrays
+    return arrays
+
+
+def read_frame(
+    sock: socket.socket, max_payload: int = DEFAULT_MAX_PAYLOAD
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The next frame from ``sock``: (header, {name: array}).  Raises :class:`PeerClosed`
+    when the peer is gone, :class:`FrameError` when the bytes break the format.
+
+    Reads exactly one frame's bytes (three ``recv`` calls at least); a connection that
+    reads many frames uses a :class:`FrameReader` instead (one ``recv`` per frame)."""
+    magic, head_len, payload_len = PREFIX.unpack(_recv_exact(sock, PREFIX.size, False))
+    _check_prefix(magic, head_len, payload_len, max_payload)
+    header, layout = _parse_header(_recv_exact(sock, head_len, True), payload_len)
+    payload = _recv_exact(sock, payload_len, True) if payload_len else b""
+    return header, _arrays(payload, layout)
+
+
+class FrameReader:
+    """Frames of one connection, read through a receive buffer: a frame that fits arrives
+    with one ``recv_into`` (instead of one per part), and bytes of a following frame that
+    came with it are kept for the next :meth:`read`.
+
+    Why: at B = 1 the worker's round trip was dominated by per-frame Python and syscall
+    work, not by the bytes (docs/operations.md, "Overhead of the socket").  The arrays
+    returned own their bytes (a copy of the payload), so the buffer can be reused at once.
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        max_payload: int = DEFAULT_MAX_PAYLOAD,
+        buffer_bytes: int = READ_BUFFER_BYTES,
+        cache_headers: bool = False,
+    ) -> None:
+        self.sock = sock
+        self.max_payload = max_payload
+        # cache_headers: (header bytes, payload length) -> the parsed, checked header and
+        # layout, for a reader whose frames repeat their headers (the worker's embed
+        # requests); identical bytes parse identically, so nothing is trusted that was not
+        # checked once.  Each read returns a fresh copy of the header dict.
+        self._headers: dict[tuple[bytes, int], tuple[dict[str, Any], Any]] | None = (
+            {} if cache_headers else None
+        )
+        # Room for any prefix + header, so that only a payload may need its own buffer.
+        self._buf = bytearray(max(buffer_bytes, PREFIX.size + MAX_HEADER_BYTES))
+        self._view = memoryview(self._buf)
+        self._start = 0  # first unread byte
+        self._end = 0  # end of the bytes received
+
+    def _fill(self, need: int, started: bool) -> None:
+        """Receive until ``need`` bytes (<= the buffer's size) are buffered past _start."""
+        if self._end - self._start >= need:
+            return
+        if len(self._buf) - self._start < need:  # compact: move the unread bytes to 0
+            held = self._end - self._start
+            self._buf[:held] = self._buf[self._start : self._end]
+            self._start, self._end = 0, held
+        while self._end - self._start < need:
+            n = self.sock.recv_into(self._view[self._end :])
+            if n == 0:
+                where = "mid-frame" if started or self._end > self._start else "between frames"
+                raise PeerClosed(f"connection closed {where}")
+            self._end += n
+
+    def read(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """The next frame: (header, {name: array}); raises as :func:`read_frame`."""
+        self._fill(PREFIX.size, False)
+        magic, head_len, payload_len = PREFIX.unpack_from(self._buf, self._start)
+        _check_prefix(magic, head_len, payload_len, self.max_payload)
+        self._fill(PREFIX.size + head_len, True)
+        head_at = self._start + PREFIX.size
+        head = bytes(self._view[head_at : head_at + head_len])
+        cached = self._headers.get((head, payload_len)) if self._headers is not None else None
+        if cached is None:
+            header, layout = _parse_header(head, payload_len)
+            if self._headers is not None:
+                if len(self._headers) >= HEADER_CACHE_SIZE:
+                    self._headers.clear()
+                self._headers[(head, payload_len)] = (header, layout)
+                header = dict(header)
+        else:
+            header, layout = dict(cached[0]), cached[1]
+        at = head_at + head_len
+        if PREFIX.size + head_len + payload_len <= len(self._buf):
+            self._fill(PREFIX.size + head_len + payload_len, True)
+            payload = bytes(self._view[at : at + payload_len])
+            self._start = at + payload_len
+        else:  # larger than the buffer: its own buffer, read exactly (no over-read)
+            held = self._end - at
+            buffer = bytearray(payload_len)
+            buffer[:held] = self._view[at : self._end]
+            view = memoryview(buffer)
+            while held < payload_len:
+                n = self.sock.recv_into(view[held:], payload_len - held)
+                if n == 0:
+                    raise PeerClosed("connection closed mid-frame")
+                held += n
+            payload = bytes(buffer)
+            self._start = self._end
+        if self._start == self._end:
+            self._start = self._end = 0
+        return header, _arrays(payload, layout)

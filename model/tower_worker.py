@@ -160,6 +160,19 @@ class TowerVersion:
         if graphs and self.device.type == "cuda":
             for bucket in _buckets(max_bucket):
                 self._capture(bucket)
+            # Pinned host staging of the graph path (one set per version; embed runs under
+            # the worker's compute lock, one call at a time).  Copies from pageable numpy
+            # memory are staged by the driver synchronously; from pinned memory they are
+            # plain DMA, queued with the replay, and one synchronize ends the call.
+            width = self.graphs[max_bucket][3].shape[1]
+            self._pinned_seq = torch.empty((max_bucket, self.max_seq_len), dtype=torch.int64,
+                                           pin_memory=True)  # fmt: skip
+            self._pinned_lag = torch.empty((max_bucket, self.max_seq_len), dtype=torch.float32,
+                                           pin_memory=True)  # fmt: skip
+            self._pinned_out = torch.empty((max_bucket, width), dtype=torch.float32,
+                                           pin_memory=True)  # fmt: skip
+            self._bucket_of = [next(b for b in sorted(self.graphs) if b >= rows)
+                               for rows in range(max_bucket + 1)]  # fmt: skip
         self.load_s = time.perf_counter() - started
         log.info(
             "loaded %s from %s: path=%s precision=%s device=%s graphs=%s parity=%s (%.1f s)",
@@ -246,17 +259,27 @@ class TowerVersion:
 
     def _replay(self, item_seq: np.ndarray, time_lag: np.ndarray) -> np.ndarray:
         rows = item_seq.shape[0]
-        bucket = next(b for b in sorted(self.graphs) if b >= rows)
+        bucket = self._bucket_of[rows]
         graph, static_seq, static_lag, out = self.graphs[bucket]
-        static_seq[:rows].copy_(torch.from_numpy(np.array(item_seq)))
-        static_lag[:rows].copy_(torch.from_numpy(np.array(time_lag)))
+        host_seq, host_lag = self._pinned_seq.numpy(), self._pinned_lag.numpy()
+        host_seq[:rows] = item_seq
+        host_lag[:rows] = time_lag
         if rows < bucket:
             # Padding rows repeat row 0 (a real history): rows never mix, and an all-padding
-            # row would be a case the model never saw.
-            static_seq[rows:].copy_(static_seq[:1].expand(bucket - rows, -1))
-            static_lag[rows:].copy_(static_lag[:1].expand(bucket - rows, -1))
+            # row would be a case the model never saw.  Written on the host, so the bucket
+            # goes over in one copy per input (no device-side padding kernels).
+            host_seq[rows:bucket] = item_seq[0]
+            host_lag[rows:bucket] = time_lag[0]
+        static_seq.copy_(self._pinned_seq[:bucket], non_blocking=True)
+        static_lag.copy_(self._pinned_lag[:bucket], non_blocking=True)
         graph.replay()
-        return out[:rows].float().cpu().numpy()
+        result = out[:rows] if out.dtype == torch.float32 else out[:rows].float()
+        self._pinned_out[:rows].copy_(result, non_blocking=True)
+        # The one wait of the call: the copies, the replay and the copy back are queued in
+        # order on this stream; the answer is read from host memory only after it.
+        torch.cuda.current_stream(self.device).synchronize()
+        # A copy: the staging buffer is reused by the next call.
+        return self._pinned_out.numpy()[:rows].copy()
 
 
 class TowerWorker:
@@ -446,9 +469,12 @@ class _Handler(socketserver.BaseRequestHandler):
     def handle(self) -> None:
         sock: socket.socket = self.request
         worker = self.server.worker
+        # One buffered reader per connection: a frame usually arrives with one recv, and
+        # a request header seen before (same version and batch size) is not parsed again.
+        reader = wire.FrameReader(sock, cache_headers=True)
         while True:
             try:
-                header, arrays = wire.read_frame(sock)
+                header, arrays = reader.read()
             except wire.PeerClosed:
                 return
             except (wire.FrameError, OSError) as exc:
@@ -480,7 +506,8 @@ class _Handler(socketserver.BaseRequestHandler):
         sock: socket.socket, header: dict[str, Any], arrays: list[tuple[str, np.ndarray]] = ()
     ) -> bool:
         try:
-            sock.sendall(wire.encode(header, arrays))
+            # One sendmsg of the frame's parts: the embedding is not copied into a frame.
+            wire.send_frame(sock, header, arrays)
             return True
         except OSError:
             return False  # the client went away (e.g. its timeout): nothing to answer

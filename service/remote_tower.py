@@ -47,6 +47,20 @@ class WorkerRefused(WorkerError):
         self.code = code
 
 
+class _Connection:
+    """One pooled socket with its receive buffer and the timeout last set on it."""
+
+    __slots__ = ("sock", "reader", "timeout_s")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.reader = wire.FrameReader(sock)
+        self.timeout_s: float | None = None
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 class TowerWorkerClient:
     """Pooled connections to one worker socket; ``timeout_s`` bounds each request."""
 
@@ -61,12 +75,14 @@ class TowerWorkerClient:
         self.timeout_s = timeout_s
         self.connect_timeout_s = connect_timeout_s
         self.max_idle = max_idle
-        self._idle: list[socket.socket] = []
+        self._idle: list[_Connection] = []
         self._lock = threading.Lock()
+        # Encoded request headers by (header, shapes): embed requests repeat them.
+        self._heads: dict[Any, bytes] = {}
 
     # ------------------------------------------------------------------ connections
 
-    def _connect(self) -> socket.socket:
+    def _connect(self) -> _Connection:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.settimeout(self.connect_timeout_s)
@@ -75,26 +91,27 @@ class TowerWorkerClient:
             sock.close()
             raise WorkerError(f"cannot connect to the tower worker at {self.socket_path}: "
                               f"{exc}") from exc  # fmt: skip
-        return sock
+        return _Connection(sock)
 
-    def _borrow(self) -> socket.socket:
+    def _borrow(self) -> tuple[_Connection, bool]:
+        """A connection and whether it came from the pool (one lock per request)."""
         with self._lock:
             if self._idle:
-                return self._idle.pop()
-        return self._connect()
+                return self._idle.pop(), True
+        return self._connect(), False
 
-    def _give_back(self, sock: socket.socket) -> None:
+    def _give_back(self, conn: _Connection) -> None:
         with self._lock:
             if len(self._idle) < self.max_idle:
-                self._idle.append(sock)
+                self._idle.append(conn)
                 return
-        sock.close()
+        conn.close()
 
     def close(self) -> None:
         with self._lock:
             idle, self._idle = self._idle, []
-        for sock in idle:
-            sock.close()
+        for conn in idle:
+            conn.close()
 
     # ------------------------------------------------------------------ requests
 
@@ -104,31 +121,36 @@ class TowerWorkerClient:
         arrays: list[tuple[str, np.ndarray]] | None = None,
         timeout_s: float | None = None,
     ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        """One round trip; raises :class:`WorkerError` on any failure."""
-        frame = wire.encode(header, arrays or [])
+        """One round trip; raises :class:`WorkerError` on any failure.
+
+        The frame goes out with one ``sendmsg`` of its parts (the arrays are not copied) and
+        the answer comes in through the connection's buffer, usually with one ``recv``: at
+        B = 1 the round trip is per-call work, not bytes (docs/operations.md)."""
+        parts, total = wire.frame_parts(header, arrays or [], self._heads)
+        timeout = timeout_s if timeout_s is not None else self.timeout_s
         # One retry on a pooled connection only: an idle connection may have been closed
         # by a worker restart since it was last used; a fresh one failing is final.
         for attempt in range(2):
-            with self._lock:
-                pooled = bool(self._idle)
-            sock = self._borrow()
+            conn, pooled = self._borrow()
             try:
-                sock.settimeout(timeout_s if timeout_s is not None else self.timeout_s)
-                sock.sendall(frame)
-                answer, out = wire.read_frame(sock)
+                if conn.timeout_s != timeout:  # settimeout is a syscall: only on a change
+                    conn.sock.settimeout(timeout)
+                    conn.timeout_s = timeout
+                wire.send_parts(conn.sock, parts, total)
+                answer, out = conn.reader.read()
             except (wire.PeerClosed, BrokenPipeError, ConnectionResetError) as exc:
-                sock.close()
+                conn.close()
                 if pooled and attempt == 0:
                     continue
                 raise WorkerError(f"tower worker connection lost: {exc}") from exc
             except (OSError, wire.FrameError) as exc:  # timeout, garbage: drop the stream
-                sock.close()
+                conn.close()
                 raise WorkerError(f"tower worker request failed: {type(exc).__name__}: "
                                   f"{exc}") from exc  # fmt: skip
             if answer.get("error") == "bad_frame":
-                sock.close()
+                conn.close()
             else:
-                self._give_back(sock)
+                self._give_back(conn)
             if not answer.get("ok"):
                 raise WorkerRefused(str(answer.get("error")), str(answer.get("detail")))
             return answer, out

@@ -1,0 +1,121 @@
+"""The tower worker's wire format on real sockets: one ``sendmsg`` per frame
+(``send_frame``), the buffered reader (``FrameReader``) and its header cache, against the
+plain ``encode`` / ``read_frame`` of the same bytes."""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+import numpy as np
+import pytest
+
+from contracts import tower_wire as wire
+
+
+def _arrays(rows: int, length: int = 13) -> list[tuple[str, np.ndarray]]:
+    rng = np.random.default_rng(rows)
+    return [
+        ("item_seq", rng.integers(0, 40, (rows, length)).astype(np.int64)),
+        ("time_lag", rng.random((rows, length), dtype=np.float32)),
+    ]
+
+
+def test_send_frame_is_the_encoded_frame() -> None:
+    """sendmsg of the parts puts exactly encode()'s bytes on the stream, for views that are
+    not contiguous, 0-d arrays and numpy scalars too."""
+    arrays = [
+        *_arrays(3),
+        ("strided", np.arange(12, dtype=np.float32).reshape(3, 4)[:, ::2]),
+        ("scalar", np.float32(2.5)),
+        ("empty", np.zeros((0, 4), np.int64)),
+    ]
+    a, b = socket.socketpair()
+    with a, b:
+        wire.send_frame(a, {"op": "t"}, arrays)
+        frame = wire.encode({"op": "t"}, arrays)
+        assert b.recv(len(frame) + 10) == frame
+        header, got = wire.read_frame(_feed(frame))
+        assert header["op"] == "t"
+        for name, array in arrays:
+            assert np.array_equal(got[name], np.asarray(array)), name
+    with pytest.raises(ValueError, match="not allowed"):
+        wire.frame_parts({}, [("x", np.zeros(2, ">i8"))])  # big-endian: refused as before
+
+
+def _feed(data: bytes) -> socket.socket:
+    a, b = socket.socketpair()
+    a.sendall(data)
+    a.close()
+    return b
+
+
+def test_reader_keeps_the_next_frames_bytes() -> None:
+    """Frames sent back to back (read in one recv) come out one by one, intact."""
+    frames = [({"n": n}, _arrays(n + 1)) for n in range(4)]
+    data = b"".join(wire.encode(h, a) for h, a in frames) + wire.encode({"n": "end"})
+    sock = _feed(data)
+    reader = wire.FrameReader(sock, buffer_bytes=1024)  # small: compaction is exercised
+    for header, arrays in frames:
+        got_header, got = reader.read()
+        assert got_header["n"] == header["n"]
+        for name, array in arrays:
+            assert np.array_equal(got[name], array)
+    assert reader.read()[0]["n"] == "end"
+    with pytest.raises(wire.PeerClosed, match="between frames"):
+        reader.read()
+    sock.close()
+
+
+def test_reader_reads_payloads_larger_than_its_buffer() -> None:
+    """A payload beyond the buffer gets its own; a partial sendmsg is finished by sendall
+    (the socket's buffer is smaller than the frame); the next frame is still read."""
+    big = [("x", np.arange(600_000, dtype=np.int64))]  # 4.8 MB
+    a, b = socket.socketpair()
+    with a, b:
+        sender = threading.Thread(
+            target=lambda: [wire.send_frame(a, {"n": 1}, big), wire.send_frame(a, {"n": 2})]
+        )
+        sender.start()
+        reader = wire.FrameReader(b)
+        header, got = reader.read()
+        assert header["n"] == 1 and np.array_equal(got["x"], big[0][1])
+        assert reader.read()[0]["n"] == 2
+        sender.join()
+
+
+def test_header_cache_returns_fresh_headers_and_still_checks_lengths() -> None:
+    frame = wire.encode({"op": "embed", "model_version": "v"}, _arrays(2))
+    sock = _feed(frame * 3)
+    reader = wire.FrameReader(sock, cache_headers=True)
+    first, _ = reader.read()
+    first["op"] = "changed"  # a caller's change must not reach the next frame's header
+    second, got = reader.read()
+    assert second["op"] == "embed" and got["item_seq"].shape == (2, 13)
+    reader.read()
+    sock.close()
+    # The same header bytes with another payload length: checked, not taken from the cache.
+    head_len = wire.PREFIX.unpack(frame[: wire.PREFIX.size])[1]
+    header = frame[wire.PREFIX.size : wire.PREFIX.size + head_len]
+    payload = frame[wire.PREFIX.size + head_len :]
+    bad = wire.PREFIX.pack(wire.MAGIC, head_len, len(payload) + 8) + header + payload + b"\0" * 8
+    sock = _feed(frame + bad)
+    reader = wire.FrameReader(sock, cache_headers=True)
+    reader.read()
+    with pytest.raises(wire.FrameError, match="payload has"):
+        reader.read()
+    sock.close()
+
+
+def test_client_header_cache_encodes_the_same_bytes() -> None:
+    cache: dict = {}
+    header = {"op": "embed", "model_version": "v"}
+    for rows in (1, 2, 1):
+        parts, total = wire.frame_parts(header, _arrays(rows), cache)
+        assert b"".join(parts) == wire.encode(header, _arrays(rows)) and total == sum(
+            memoryview(p).nbytes for p in parts
+        )
+    assert len(cache) == 2  # one per batch size
+    # Unhashable header values are encoded, not cached.
+    parts, _ = wire.frame_parts({"op": "x", "list": [1, 2]}, [], cache)
+    assert len(cache) == 2 and b'"list":[1,2]' in parts[0]
