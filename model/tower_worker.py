@@ -525,8 +525,12 @@ class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         super().__init__(path, _Handler)
 
 
-def serve(worker: TowerWorker, socket_path: Path) -> None:
-    """Serve until SIGTERM/SIGINT; the socket file is created 0660 and removed at exit."""
+def serve(worker: TowerWorker, socket_path: Path, parent_pid: int | None = None) -> None:
+    """Serve until SIGTERM/SIGINT; the socket file is created 0660 and removed at exit.
+
+    ``parent_pid``: also stop when that process is no longer this one's parent (the
+    ``t2diff serve`` that started this worker died without stopping it, e.g. SIGKILL), so
+    that no orphaned worker holds the GPU."""
     socket_path = Path(socket_path)
     socket_path.parent.mkdir(parents=True, exist_ok=True)
     if socket_path.exists() or socket_path.is_symlink():
@@ -546,6 +550,15 @@ def serve(worker: TowerWorker, socket_path: Path) -> None:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    if parent_pid is not None:
+
+        def watch_parent() -> None:
+            while os.getppid() == parent_pid:
+                time.sleep(0.5)
+            log.warning("parent %d is gone: stopping", parent_pid)
+            server.shutdown()
+
+        threading.Thread(target=watch_parent, name="parent-watch", daemon=True).start()
     log.info("serving on %s (pid %d)", socket_path, os.getpid())
     try:
         server.serve_forever(poll_interval=0.2)
@@ -589,6 +602,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="load requests may name exports under this directory only "
                              "(default: the parent of --artifacts)")  # fmt: skip
     parser.add_argument("--log-level", default="info")
+    parser.add_argument("--parent-pid", type=int, default=None,
+                        help="stop when this process is gone (set by `t2diff serve`)")  # fmt: skip
     parser.add_argument("--ping", action="store_true",
                         help="ask the worker at --socket for its health; exit 0 when it answers "
                              "(a container health check)")  # fmt: skip
@@ -617,7 +632,7 @@ def main(argv: list[str] | None = None) -> None:
         max_bucket=args.max_bucket,
         graphs=not args.no_graphs,
     )
-    serve(worker, args.socket)
+    serve(worker, args.socket, parent_pid=args.parent_pid)
 
 
 if __name__ == "__main__":

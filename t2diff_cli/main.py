@@ -220,13 +220,35 @@ def sessions_load(
 def serve(
     host: Annotated[str | None, typer.Option(help="overrides T2DIFF_HOST")] = None,
     port: Annotated[int | None, typer.Option(help="overrides T2DIFF_PORT")] = None,
+    tower_worker: Annotated[
+        str,
+        typer.Option(
+            "--tower-worker",
+            envvar="T2DIFF_TOWER_WORKER",
+            help="auto: start a tower worker child (torch, the fused kernel) when torch is "
+            "installed and a CUDA GPU is visible | on: always (eager on a CPU) | off: never; "
+            "a worker that does not come up leaves ONNX Runtime serving",
+        ),
+    ] = "auto",
 ) -> None:
     """Start the recall API (FastAPI under uvicorn); settings from T2DIFF_* variables."""
+    from service.observability import configure_logging
     from service.server import run
     from service.settings import Settings
+    from t2diff_cli.tower_child import MODES, Terminated
+    from t2diff_cli.tower_child import tower_worker as tower_worker_child
 
+    if tower_worker not in MODES:
+        _fail(f"--tower-worker must be one of {', '.join(MODES)}, not {tower_worker!r}")
     overrides = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
-    run(Settings(**overrides))
+    settings = Settings(**overrides)
+    # Logging first: the worker's start (or why none starts) is logged before uvicorn runs.
+    configure_logging(settings.log_level, settings.log_json)
+    try:
+        with tower_worker_child(tower_worker, settings) as serving:
+            run(serving)
+    except Terminated as exc:  # the worker is stopped: now end by the signal, as before
+        exc.resend()
 
 
 @app.command()
