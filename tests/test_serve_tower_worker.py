@@ -33,7 +33,13 @@ from service.app import create_app
 from service.remote_tower import TowerWorkerClient
 from service.settings import Settings
 from t2diff_cli import tower_child
-from t2diff_cli.local_stack import file_tail, free_port, service_settings, wait_until_ready
+from t2diff_cli.local_stack import (
+    file_tail,
+    free_port,
+    service_settings,
+    stop_process,
+    wait_until_ready,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"dim": 16, "unet_width": 16, "max_seq_len": 13, "session_len": 4, "diffusion_steps": 3}
@@ -118,13 +124,6 @@ def test_serve_starts_the_worker_and_stops_it(
         "T2DIFF_INFERENCE_CONCURRENCY": "2",
         "PYTHONPATH": str(ROOT),
     }  # fmt: skip
-    log_path = tmp_path / "serve.log"
-    base = f"http://127.0.0.1:{port}"
-    with log_path.open("wb") as log:
-        serve = subprocess.Popen(
-            [sys.executable, "-m", "t2diff_cli.main", "serve", "--tower-worker", "on"],
-            cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
     onnx_settings = Settings(
         artifacts_dir=deployment / "artifacts" / "current",
         index_dir=deployment / "indexes" / "current",
@@ -135,6 +134,15 @@ def test_serve_starts_the_worker_and_stops_it(
         tower_backend="onnx",
         inference_concurrency=2,
     )
+    log_path = tmp_path / "serve.log"
+    base = f"http://127.0.0.1:{port}"
+    # Nothing may fail between the start and the `try` (a serve left running would keep
+    # its worker): the serve is the last thing made before it.
+    with log_path.open("wb") as log:
+        serve = subprocess.Popen(
+            [sys.executable, "-m", "t2diff_cli.main", "serve", "--tower-worker", "on"],
+            cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
     try:
         wait_until_ready(base, START_TIMEOUT_S, serve)  # type: ignore[arg-type]
         text = log_path.read_text(errors="replace")
@@ -195,9 +203,8 @@ def test_serve_starts_the_worker_and_stops_it(
         assert not Path(sock).exists() and not sock_dir.exists()
     finally:
         point_current(deployment, "sv-a")
-        if serve.poll() is None:
-            serve.kill()
-            serve.wait()
+        # SIGTERM first, so that the serve stops its worker and removes the socket.
+        stop_process(serve, 30)  # type: ignore[arg-type]
 
 
 def stat_mode(path: Path) -> int:
