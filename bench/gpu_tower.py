@@ -99,12 +99,24 @@ class Recorder:
         print(f"  check {backend} B={batch}: max |diff| vs eager {diff:.2e}", flush=True)
 
 
-def fused_variants(spec: str) -> list[tuple[str, int, int]]:
-    """``"ieee:1:4,tf32:2:8"`` -> [(precision, samples per program, warps), ...]."""
+def fused_variants(spec: str) -> list[tuple[str, str, dict[str, Any]]]:
+    """``"ieee:1:4,tf32:2:8:64:un"`` -> [(precision, name suffix, FusedTower options), ...].
+
+    Fields: precision, samples per program, warps, then optionally the chunk cap
+    (``k_chunk``) and flags: ``u`` one chunk for every part (the first kernel's),
+    ``n`` no prefetch.  Three fields keep the kernel's defaults and the old row names.
+    """
     out = []
     for item in spec.split(","):
-        precision, spp, warps = item.split(":")
-        out.append((precision, int(spp), int(warps)))
+        precision, spp, warps, *rest = item.split(":")
+        options: dict[str, Any] = {"samples_per_program": int(spp), "num_warps": int(warps)}
+        suffix = f"_s{spp}_nw{warps}"
+        if rest:
+            flags = rest[1] if len(rest) > 1 else ""
+            options.update(k_chunk=int(rest[0]), uniform_chunk="u" in flags,
+                           prefetch="n" not in flags)  # fmt: skip
+            suffix += f"_k{rest[0]}{flags}"
+        out.append((precision, suffix, options))
     return out
 
 
@@ -122,10 +134,10 @@ def bench_run(run_dir: Path, args: argparse.Namespace, rec: Recorder) -> dict[st
     if args.fused:
         from model.fused_tower import FusedTower
 
-        for precision, spp, warps in fused_variants(args.fused):
-            name = f"fused_{precision}_s{spp}_nw{warps}"
-            fused[name] = FusedTower(copy.deepcopy(model).cpu(), precision=precision,
-                                     samples_per_program=spp, num_warps=warps).cuda().eval()  # fmt: skip
+        for precision, suffix, options in fused_variants(args.fused):
+            fused[f"fused_{precision}{suffix}"] = (
+                FusedTower(copy.deepcopy(model).cpu(), precision=precision, **options).cuda().eval()
+            )
     ort_paths = ort_setup(model, max_len, args) if args.ort else None
     best: dict[str, float] = {}
     for batch_size in [int(b) for b in args.batches.split(",")]:

@@ -141,23 +141,52 @@ if HAVE_TRITON:
         WITH_SKIP: tl.constexpr,
         KC: tl.constexpr,
         PREC: tl.constexpr,
+        PREFETCH: tl.constexpr,
     ):
         """acc += conv3(part) (padding 1); skip += part @ ws (the 1x1 residual), both over the
-        part's channels, which are rows ``ROW0 ..`` of each tap of the im2col weight."""
+        part's channels, which are rows ``ROW0 ..`` of each tap of the im2col weight.
+
+        ``KC``: channels per product (this part's own: min(cap, C), so a wide part takes few
+        large products instead of many small ones; each product is one dependent L2 round
+        trip).  ``PREFETCH``: the loads of round i + 1 are issued before the product of
+        round i (one software-pipelining stage by hand: Triton's ``num_stages`` must stay 1
+        because the scratch reads may not be hoisted over the CTA barriers).
+        """
         # Run-time loops (not unrolled): one copy of each product in the code keeps the
         # kernel small (the unrolled version compiled for 5 minutes and ran out of the
         # instruction cache).
         oc = tl.arange(0, COUT)
-        for tap in range(3):
-            q = pos + (tap - 1)
-            valid = (q >= 0) & (q < L)
-            for k0 in range(0, C, KC):
-                tile = _load_rows(src, samp, q, valid, SRC_L, C, KC, k0, MODE)
+        NCH: tl.constexpr = C // KC
+        if PREFETCH:
+            q = pos - 1
+            tile = _load_rows(src, samp, q, (q >= 0) & (q < L), SRC_L, C, KC, 0, MODE)
+            weight = tl.load(
+                weights + w1_off + (ROW0 + tl.arange(0, KC))[:, None] * COUT + oc[None, :]
+            )
+            for i in range(1, 3 * NCH):
+                tap = i // NCH
+                k0 = (i % NCH) * KC
+                q = pos + (tap - 1)
+                next_tile = _load_rows(src, samp, q, (q >= 0) & (q < L), SRC_L, C, KC, k0, MODE)
                 krow = ROW0 + k0 + tl.arange(0, KC)
-                weight = tl.load(
+                next_weight = tl.load(
                     weights + w1_off + (tap * CIN + krow)[:, None] * COUT + oc[None, :]
                 )
                 acc += _dot(tile, weight, PREC)
+                tile = next_tile
+                weight = next_weight
+            acc += _dot(tile, weight, PREC)
+        else:
+            for tap in range(3):
+                q = pos + (tap - 1)
+                valid = (q >= 0) & (q < L)
+                for k0 in range(0, C, KC):
+                    tile = _load_rows(src, samp, q, valid, SRC_L, C, KC, k0, MODE)
+                    krow = ROW0 + k0 + tl.arange(0, KC)
+                    weight = tl.load(
+                        weights + w1_off + (tap * CIN + krow)[:, None] * COUT + oc[None, :]
+                    )
+                    acc += _dot(tile, weight, PREC)
         if WITH_SKIP:
             for k0 in range(0, C, KC):
                 tile = _load_rows(src, samp, pos, pos < L, SRC_L, C, KC, k0, MODE)
@@ -202,9 +231,12 @@ if HAVE_TRITON:
         COUT: tl.constexpr,
         T: tl.constexpr,
         R: tl.constexpr,
-        KC: tl.constexpr,
+        A_KC: tl.constexpr,
+        B_KC: tl.constexpr,
+        O_KC: tl.constexpr,
         PREC: tl.constexpr,
         EPS: tl.constexpr,
+        PREFETCH: tl.constexpr,
     ):
         """One ``ConvBlock`` on ``cat([a, b])`` (``b`` optional): conv3 -> LN -> SiLU -> conv3
         (+ folded bias and step bias) -> LN -> SiLU, plus the 1x1 residual.  Result [R, COUT]
@@ -226,12 +258,12 @@ if HAVE_TRITON:
         skip = tl.zeros([R, COUT], dtype=tl.float32)
         acc, skip = _conv_part(
             acc, skip, weights, W1, WS, a_src, samp, pos, L, A_L, A_C, 0, CIN, COUT, A_MODE, True,
-            KC, PREC,
+            A_KC, PREC, PREFETCH,
         )  # fmt: skip
         if B_C > 0:
             acc, skip = _conv_part(
                 acc, skip, weights, W1, WS, b_src, samp, pos, L, B_L, B_C, A_C, CIN, COUT, 0, True,
-                KC, PREC,
+                B_KC, PREC, PREFETCH,
             )  # fmt: skip
         act_offs = samp[:, None] * (L * COUT) + pos[:, None] * COUT + oc[None, :]
         pre = acc + tl.load(weights + B1 + oc)[None, :]
@@ -245,7 +277,7 @@ if HAVE_TRITON:
         acc2 = tl.zeros([R, COUT], dtype=tl.float32)
         acc2, skip = _conv_part(
             acc2, skip, weights, W2, WS, tmp, samp, pos, L, L, COUT, 0, COUT, COUT, 0, False,
-            KC, PREC,
+            O_KC, PREC, PREFETCH,
         )  # fmt: skip
         acc2 += tl.load(weights + C2 + t * (L * COUT) + pos[:, None] * COUT + oc[None, :],
                         mask=row_ok[:, None], other=0.0)  # fmt: skip
@@ -291,21 +323,26 @@ if HAVE_TRITON:
         R0: tl.constexpr,
         R1: tl.constexpr,
         R2: tl.constexpr,
-        KC: tl.constexpr,
+        KCD: tl.constexpr,
+        KC0: tl.constexpr,
+        KC1: tl.constexpr,
+        KC2: tl.constexpr,
         PREC: tl.constexpr,
         EPS: tl.constexpr,
+        PREFETCH: tl.constexpr,
     ):
         """One U-Net pass at step ``t``: the last hidden layer [R0, W0] (before ``out``)."""
         _block(weights, FIRST, t, s0, p0, zbuf, L0, D, 0, zbuf, L0, 0, cond, skip_x, True,
-               tmp0, h0, True, L0, W0, T, R0, KC, PREC, EPS)  # fmt: skip
+               tmp0, h0, True, L0, W0, T, R0, KCD, KCD, KC0, PREC, EPS, PREFETCH)  # fmt: skip
         _block(weights, DOWN1, t, s1, p1, h0, L0, W0, 2, h0, L0, 0, cond, skip_x, False,
-               tmp1, d1, True, L1, W1, T, R1, KC, PREC, EPS)  # fmt: skip
+               tmp1, d1, True, L1, W1, T, R1, KC0, KC0, KC1, PREC, EPS, PREFETCH)  # fmt: skip
         _block(weights, DOWN2, t, s2, p2, d1, L1, W1, 2, d1, L1, 0, cond, skip_x, False,
-               tmp2, d2, True, L2, W2, T, R2, KC, PREC, EPS)  # fmt: skip
+               tmp2, d2, True, L2, W2, T, R2, KC1, KC1, KC2, PREC, EPS, PREFETCH)  # fmt: skip
         _block(weights, UP1, t, s1, p1, d2, L2, W2, 1, d1, L1, W1, cond, skip_x, False,
-               tmp1, u1, True, L1, W1, T, R1, KC, PREC, EPS)  # fmt: skip
+               tmp1, u1, True, L1, W1, T, R1, KC2, KC1, KC1, PREC, EPS, PREFETCH)  # fmt: skip
         return _block(weights, UP0, t, s0, p0, u1, L1, W1, 1, h0, L0, W0, cond, skip_x, False,
-                      tmp0, h0, False, L0, W0, T, R0, KC, PREC, EPS)  # fmt: skip
+                      tmp0, h0, False, L0, W0, T, R0, KC1, KC0, KC0, PREC, EPS,
+                      PREFETCH)  # fmt: skip
 
     @triton.jit
     def _reverse_kernel(
@@ -343,9 +380,13 @@ if HAVE_TRITON:
         D: tl.constexpr,
         T: tl.constexpr,
         SPP: tl.constexpr,
-        KC: tl.constexpr,
+        KCD: tl.constexpr,
+        KC0: tl.constexpr,
+        KC1: tl.constexpr,
+        KC2: tl.constexpr,
         PREC: tl.constexpr,
         EPS: tl.constexpr,
+        PREFETCH: tl.constexpr,
     ):
         """Program ``pid`` runs the T reverse steps of samples ``pid*SPP .. pid*SPP+SPP``."""
         pid = tl.program_id(0)
@@ -373,7 +414,8 @@ if HAVE_TRITON:
             t = T - 1 - i
             hidden = _unet(weights, t, zbuf, cond, skip_x, tmp0, tmp1, tmp2, h0, d1, d2, u1,
                            s0, p0, s1, p1, s2, p2, FIRST, DOWN1, DOWN2, UP1, UP0,
-                           L0, L1, L2, W0, W1, W2, D, T, R0, R1, R2, KC, PREC, EPS)  # fmt: skip
+                           L0, L1, L2, W0, W1, W2, D, T, R0, R1, R2, KCD, KC0, KC1, KC2,
+                           PREC, EPS, PREFETCH)  # fmt: skip
             # z_{t-1} = c0_t (h W_out + b_out) + ct_t z_t + sigma_t noise (c0 folded in out_w);
             # at t = 0: zhat_0 = h W_out + b_out (ct = 0, extras[0] = b_out, plain W_out)
             z = (
@@ -401,6 +443,8 @@ class FusedUNetSteps(nn.Module):
         samples_per_program: int = 1,
         num_warps: int = 4,
         k_chunk: int = 64,
+        uniform_chunk: bool = False,
+        prefetch: bool = True,
     ) -> None:
         super().__init__()
         if not HAVE_TRITON:
@@ -417,7 +461,14 @@ class FusedUNetSteps(nn.Module):
             if channels < 16 or channels & (channels - 1):
                 raise ValueError(f"channel counts must be powers of two >= 16, got {channels}")
         self.precision, self.spp, self.num_warps = precision, samples_per_program, num_warps
-        self.k_chunk = min(k_chunk, min(*widths, dim))
+        # Channels per product: each part its own min(k_chunk, C) (fewer, larger products;
+        # each is one dependent L2 round trip); ``uniform_chunk`` is the first kernel's
+        # single chunk for every part (min over all widths), kept to measure the change.
+        if k_chunk < 16 or k_chunk & (k_chunk - 1):
+            raise ValueError(f"k_chunk must be a power of two >= 16, got {k_chunk}")
+        cap = min(k_chunk, *widths, dim) if uniform_chunk else k_chunk
+        self.chunks = {c: min(cap, c) for c in (*widths, dim)}
+        self.prefetch = prefetch
         self.steps, self.dim, self.drift = fast.steps, dim, fast.drift
         self.lengths, self.widths = fast.lengths, widths
         with torch.no_grad():
@@ -503,8 +554,10 @@ class FusedUNetSteps(nn.Module):
             FIRST=first, DOWN1=down1, DOWN2=down2, UP1=up1, UP0=up0,
             L0=l0, L1=l1, L2=l2,
             BL0=_rows_block(l0), BL1=_rows_block(l1), BL2=_rows_block(l2),
-            W0=w0, W1=w1, W2=w2, D=self.dim, T=steps, SPP=self.spp, KC=self.k_chunk,
-            PREC=self.precision, EPS=self.eps, num_warps=self.num_warps, num_stages=1,
+            W0=w0, W1=w1, W2=w2, D=self.dim, T=steps, SPP=self.spp,
+            KCD=self.chunks[self.dim], KC0=self.chunks[w0], KC1=self.chunks[w1],
+            KC2=self.chunks[w2], PREC=self.precision, EPS=self.eps, PREFETCH=self.prefetch,
+            num_warps=self.num_warps, num_stages=1,
         )  # fmt: skip
         return result + x[:, l0 - 1] if self.drift else result
 

@@ -57,6 +57,29 @@ def test_fused_steps_match_fast_steps(samples_per_program: int, overrides: dict)
         assert (got - expected).abs().max().item() < TOL
 
 
+@pytest.mark.parametrize(
+    "options",
+    [{"prefetch": False}, {"uniform_chunk": True}, {"uniform_chunk": True, "prefetch": False}],
+)
+def test_every_chunking_and_prefetch_variant_gives_the_same_answer(options: dict) -> None:
+    # dim 32 with widths 16/32/64: the parts have different channel counts, so the per-part
+    # chunks (16, 32, 32, 32 at a cap of 32) differ from the uniform one (16), and with
+    # prefetch the flattened tap x chunk loop runs 3, 6 and 12 rounds.
+    model = _model(seed=5, dim=32)
+    fast = FastUNetSteps(model)
+    fused = FusedUNetSteps(model, k_chunk=32, **options).to(DEVICE)
+    default = FusedUNetSteps(model, k_chunk=32).to(DEVICE)
+    assert fused.chunks == ({16: 16, 32: 16, 64: 16} if options.get("uniform_chunk") else
+                            {16: 16, 32: 32, 64: 32})  # fmt: skip
+    item_seq, _, noise = _inputs(model, 2, seed=6)
+    with torch.no_grad():
+        x = model.item_emb(item_seq)
+        expected = fast(x, noise)
+        for tower in (fused, default):
+            got = tower(x.to(DEVICE), noise.to(DEVICE)).cpu()
+            assert (got - expected).abs().max().item() < TOL
+
+
 def test_fused_tower_matches_user_embedding() -> None:
     model = _model(seed=3)
     tower = FusedTower(model).to(DEVICE)
@@ -74,3 +97,5 @@ def test_fused_refuses_shapes_it_was_not_written_for() -> None:
         FusedUNetSteps(_model(unet_width=24))
     with pytest.raises(ValueError, match="precision"):
         FusedUNetSteps(_model(), precision="fp8")
+    with pytest.raises(ValueError, match="k_chunk"):
+        FusedUNetSteps(_model(), k_chunk=24)
