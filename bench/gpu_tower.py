@@ -100,11 +100,11 @@ class Recorder:
 
 
 def fused_variants(spec: str) -> list[tuple[str, str, dict[str, Any]]]:
-    """``"ieee:1:4,tf32:2:8:64:un"`` -> [(precision, name suffix, FusedTower options), ...].
+    """``"ieee:1:4,tf32:2:8:uniform"`` -> [(precision, name suffix, FusedTower options), ...].
 
-    Fields: precision, samples per program, warps, then optionally the chunk cap
-    (``k_chunk``) and flags: ``u`` one chunk for every part (the first kernel's),
-    ``n`` no prefetch.  Three fields keep the kernel's defaults and the old row names.
+    Fields: precision, samples per program, warps, then optionally the kernel build
+    (``auto``, ``pipelined``, ``uniform``: ``FusedUNetSteps``' ``kernel``).  Three fields
+    keep the default (auto) and the old row names.
     """
     out = []
     for item in spec.split(","):
@@ -112,10 +112,8 @@ def fused_variants(spec: str) -> list[tuple[str, str, dict[str, Any]]]:
         options: dict[str, Any] = {"samples_per_program": int(spp), "num_warps": int(warps)}
         suffix = f"_s{spp}_nw{warps}"
         if rest:
-            flags = rest[1] if len(rest) > 1 else ""
-            options.update(k_chunk=int(rest[0]), uniform_chunk="u" in flags,
-                           prefetch="n" not in flags)  # fmt: skip
-            suffix += f"_k{rest[0]}{flags}"
+            options["kernel"] = rest[0]
+            suffix += f"_{rest[0]}"
         out.append((precision, suffix, options))
     return out
 

@@ -46,6 +46,7 @@ except ImportError:  # CPU-only installs: the module still imports, the kernel i
     HAVE_TRITON = False
 
 PRECISIONS = ("ieee", "tf32x3", "tf32", "bf16")
+KERNELS = ("auto", "pipelined", "uniform")
 
 
 def _rows_block(length: int) -> int:
@@ -443,8 +444,7 @@ class FusedUNetSteps(nn.Module):
         samples_per_program: int = 1,
         num_warps: int = 4,
         k_chunk: int = 64,
-        uniform_chunk: bool = False,
-        prefetch: bool = True,
+        kernel: str = "auto",
     ) -> None:
         super().__init__()
         if not HAVE_TRITON:
@@ -461,14 +461,26 @@ class FusedUNetSteps(nn.Module):
             if channels < 16 or channels & (channels - 1):
                 raise ValueError(f"channel counts must be powers of two >= 16, got {channels}")
         self.precision, self.spp, self.num_warps = precision, samples_per_program, num_warps
-        # Channels per product: each part its own min(k_chunk, C) (fewer, larger products;
-        # each is one dependent L2 round trip); ``uniform_chunk`` is the first kernel's
-        # single chunk for every part (min over all widths), kept to measure the change.
+        # Two builds of the kernel (docs/results/inference.md, "Kernel variants"):
+        # "pipelined": each part's products take min(k_chunk, C) channels (fewer, larger
+        #   products, each one dependent L2 round trip) and the next product's loads are
+        #   issued before the current one (H100, w16, B = 1: tf32 1.95 -> 1.70 ms);
+        # "uniform": the first kernel, one chunk (the smallest channel count) everywhere and
+        #   no prefetch.  Its smaller tiles need fewer registers: with more programs than
+        #   SMs (B = 256) it runs two CTAs per SM, where "pipelined" took 7.0 ms vs 4.1.
+        # "auto" takes "pipelined" while the programs fit on the GPU's SMs at once, and
+        # "uniform" beyond; also with more than 4 warps, where "pipelined" hit an illegal
+        # memory access on the H100 (run G1) that is not understood yet.
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {KERNELS}, not {kernel!r}")
         if k_chunk < 16 or k_chunk & (k_chunk - 1):
             raise ValueError(f"k_chunk must be a power of two >= 16, got {k_chunk}")
-        cap = min(k_chunk, *widths, dim) if uniform_chunk else k_chunk
-        self.chunks = {c: min(cap, c) for c in (*widths, dim)}
-        self.prefetch = prefetch
+        self.kernel = kernel
+        smallest = min(*widths, dim)
+        self.chunks = {
+            "pipelined": {c: min(k_chunk, c) for c in (*widths, dim)},
+            "uniform": {c: min(k_chunk, smallest) for c in (*widths, dim)},
+        }
         self.steps, self.dim, self.drift = fast.steps, dim, fast.drift
         self.lengths, self.widths = fast.lengths, widths
         with torch.no_grad():
@@ -517,6 +529,18 @@ class FusedUNetSteps(nn.Module):
             offsets.append(offsets[-1] + block.numel())
         return torch.cat(blocks).contiguous(), offsets
 
+    def kernel_for(self, programs: int, device: torch.device) -> str:
+        """The build that runs ``programs`` CTAs on ``device`` (see ``__init__``)."""
+        if self.kernel != "auto":
+            return self.kernel
+        if self.num_warps > 4:
+            return "uniform"
+        if device.type == "cuda":
+            sms = torch.cuda.get_device_properties(device).multi_processor_count
+            if programs > sms:
+                return "uniform"
+        return "pipelined"
+
     def forward(self, x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         steps, (l0, l1, l2), (w0, w1, w2) = self.steps, self.lengths, self.widths
         batch = x.shape[0]
@@ -547,6 +571,8 @@ class FusedUNetSteps(nn.Module):
         )
         result = new(batch, self.dim)
         first, down1, down2, up1, up0 = self.offsets
+        kernel = self.kernel_for(padded // self.spp, x.device)
+        chunks = self.chunks[kernel]
         _reverse_kernel[(padded // self.spp,)](
             self.weights, cond.contiguous(), skip_x.contiguous(), noise[0].contiguous(), extras,
             self.ct, self.out_w, result,
@@ -555,8 +581,8 @@ class FusedUNetSteps(nn.Module):
             L0=l0, L1=l1, L2=l2,
             BL0=_rows_block(l0), BL1=_rows_block(l1), BL2=_rows_block(l2),
             W0=w0, W1=w1, W2=w2, D=self.dim, T=steps, SPP=self.spp,
-            KCD=self.chunks[self.dim], KC0=self.chunks[w0], KC1=self.chunks[w1],
-            KC2=self.chunks[w2], PREC=self.precision, EPS=self.eps, PREFETCH=self.prefetch,
+            KCD=chunks[self.dim], KC0=chunks[w0], KC1=chunks[w1], KC2=chunks[w2],
+            PREC=self.precision, EPS=self.eps, PREFETCH=kernel == "pipelined",
             num_warps=self.num_warps, num_stages=1,
         )  # fmt: skip
         return result + x[:, l0 - 1] if self.drift else result

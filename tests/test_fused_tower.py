@@ -57,27 +57,35 @@ def test_fused_steps_match_fast_steps(samples_per_program: int, overrides: dict)
         assert (got - expected).abs().max().item() < TOL
 
 
-@pytest.mark.parametrize(
-    "options",
-    [{"prefetch": False}, {"uniform_chunk": True}, {"uniform_chunk": True, "prefetch": False}],
-)
-def test_every_chunking_and_prefetch_variant_gives_the_same_answer(options: dict) -> None:
-    # dim 32 with widths 16/32/64: the parts have different channel counts, so the per-part
-    # chunks (16, 32, 32, 32 at a cap of 32) differ from the uniform one (16), and with
-    # prefetch the flattened tap x chunk loop runs 3, 6 and 12 rounds.
+@pytest.mark.parametrize("kernel", ["pipelined", "uniform"])
+def test_both_kernel_builds_give_the_same_answer(kernel: str) -> None:
+    # dim 32 with widths 16/32/64: the parts have different channel counts, so the
+    # pipelined build's chunks (16, 32, 32, 32 at a cap of 32) differ from the uniform
+    # one's (16), and its prefetching tap x chunk loop runs 3 and 6 rounds.
     model = _model(seed=5, dim=32)
     fast = FastUNetSteps(model)
-    fused = FusedUNetSteps(model, k_chunk=32, **options).to(DEVICE)
-    default = FusedUNetSteps(model, k_chunk=32).to(DEVICE)
-    assert fused.chunks == ({16: 16, 32: 16, 64: 16} if options.get("uniform_chunk") else
-                            {16: 16, 32: 32, 64: 32})  # fmt: skip
+    fused = FusedUNetSteps(model, k_chunk=32, kernel=kernel).to(DEVICE)
+    assert fused.chunks[kernel] == ({16: 16, 32: 16, 64: 16} if kernel == "uniform" else
+                                    {16: 16, 32: 32, 64: 32})  # fmt: skip
     item_seq, _, noise = _inputs(model, 2, seed=6)
     with torch.no_grad():
         x = model.item_emb(item_seq)
         expected = fast(x, noise)
-        for tower in (fused, default):
-            got = tower(x.to(DEVICE), noise.to(DEVICE)).cpu()
-            assert (got - expected).abs().max().item() < TOL
+        got = fused(x.to(DEVICE), noise.to(DEVICE)).cpu()
+    assert (got - expected).abs().max().item() < TOL
+
+
+def test_auto_takes_the_uniform_build_for_more_programs_than_sms_or_8_warps() -> None:
+    model = _model()
+    auto = FusedUNetSteps(model)
+    assert auto.kernel_for(1, torch.device("cpu")) == "pipelined"
+    assert FusedUNetSteps(model, num_warps=8).kernel_for(1, torch.device("cpu")) == "uniform"
+    assert FusedUNetSteps(model, kernel="uniform").kernel_for(1, torch.device("cpu")) == "uniform"
+    if torch.cuda.is_available():
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
+        cuda = torch.device("cuda", 0)
+        assert auto.kernel_for(sms, cuda) == "pipelined"
+        assert auto.kernel_for(sms + 1, cuda) == "uniform"
 
 
 def test_fused_tower_matches_user_embedding() -> None:
@@ -99,3 +107,5 @@ def test_fused_refuses_shapes_it_was_not_written_for() -> None:
         FusedUNetSteps(_model(), precision="fp8")
     with pytest.raises(ValueError, match="k_chunk"):
         FusedUNetSteps(_model(), k_chunk=24)
+    with pytest.raises(ValueError, match="kernel"):
+        FusedUNetSteps(_model(), kernel="fast")
