@@ -468,9 +468,11 @@ class FusedUNetSteps(nn.Module):
         # "uniform": the first kernel, one chunk (the smallest channel count) everywhere and
         #   no prefetch.  Its smaller tiles need fewer registers: with more programs than
         #   SMs (B = 256) it runs two CTAs per SM, where "pipelined" took 7.0 ms vs 4.1.
-        # "auto" takes "pipelined" while the programs fit on the GPU's SMs at once, and
-        # "uniform" beyond; also with more than 4 warps, where "pipelined" hit an illegal
-        # memory access on the H100 (run G1) that is not understood yet.
+        # "auto" takes "pipelined" for tf32 while the programs fit on the GPU's SMs at once
+        # (H100 runs G1-G2: w16 B = 1 1.93 -> 1.69 ms, w32 3.16 -> 2.72), "uniform"
+        # otherwise: with tf32x3 (three products, hi/lo operand halves) the larger tiles
+        # gave 2 % at w16 and cost 10 % at w32 (5.04 -> 5.57 ms); with more than 4 warps
+        # "pipelined" hit an illegal memory access on the H100 (G1), not understood yet.
         if kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS}, not {kernel!r}")
         if k_chunk < 16 or k_chunk & (k_chunk - 1):
@@ -533,7 +535,7 @@ class FusedUNetSteps(nn.Module):
         """The build that runs ``programs`` CTAs on ``device`` (see ``__init__``)."""
         if self.kernel != "auto":
             return self.kernel
-        if self.num_warps > 4:
+        if self.precision != "tf32" or self.num_warps > 4:
             return "uniform"
         if device.type == "cuda":
             sms = torch.cuda.get_device_properties(device).multi_processor_count

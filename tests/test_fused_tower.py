@@ -75,11 +75,14 @@ def test_both_kernel_builds_give_the_same_answer(kernel: str) -> None:
     assert (got - expected).abs().max().item() < TOL
 
 
-def test_auto_takes_the_uniform_build_for_more_programs_than_sms_or_8_warps() -> None:
+def test_auto_takes_pipelined_only_for_tf32_on_at_most_one_wave_of_4_warp_programs() -> None:
     model = _model()
-    auto = FusedUNetSteps(model)
+    auto = FusedUNetSteps(model, precision="tf32")
     assert auto.kernel_for(1, torch.device("cpu")) == "pipelined"
-    assert FusedUNetSteps(model, num_warps=8).kernel_for(1, torch.device("cpu")) == "uniform"
+    assert FusedUNetSteps(model).kernel_for(1, torch.device("cpu")) == "uniform"  # ieee
+    assert FusedUNetSteps(model, precision="tf32x3").kernel_for(1, torch.device("cpu")) == "uniform"
+    eight = FusedUNetSteps(model, precision="tf32", num_warps=8)
+    assert eight.kernel_for(1, torch.device("cpu")) == "uniform"
     assert FusedUNetSteps(model, kernel="uniform").kernel_for(1, torch.device("cpu")) == "uniform"
     if torch.cuda.is_available():
         sms = torch.cuda.get_device_properties(0).multi_processor_count
