@@ -193,14 +193,9 @@ def bench_export(artifacts: Path, args: argparse.Namespace, rows: Rows) -> dict[
             for batch in batches:
                 header = {"op": wire.OP_EMBED, "model_version": version_name}
                 arrays = [("item_seq", feeds[batch][0]), ("time_lag", feeds[batch][1])]
-                for _ in range(args.warmup):
-                    client.request(header, arrays)
-                samples, compute = [], []
-                for _ in range(args.runs):
-                    t0 = time.perf_counter()
-                    answer, out = client.request(header, arrays)
-                    samples.append((time.perf_counter() - t0) * 1000)
-                    compute.append(answer["compute_ms"])
+                samples, compute, out = timed_requests(
+                    client, header, arrays, args.warmup, args.runs
+                )
                 rows.add(f"worker_socket_{tag}", batch, samples)
                 got = out["user_embedding"]
                 checks[f"worker_socket_B{batch}_max_abs_diff_vs_ort"] = float(
@@ -218,6 +213,27 @@ def bench_export(artifacts: Path, args: argparse.Namespace, rows: Rows) -> dict[
             proc.terminate()
             proc.wait(30)
     return checks
+
+
+def timed_requests(
+    client: TowerWorkerClient,
+    header: dict[str, Any],
+    arrays: list[tuple[str, np.ndarray]],
+    warmup: int,
+    runs: int,
+) -> tuple[list[float], list[float], dict[str, np.ndarray]]:
+    """``runs`` round trips after ``warmup``: (round trip ms, the worker's compute ms, the
+    last answer's arrays)."""
+    for _ in range(warmup):
+        client.request(header, arrays)
+    round_trips, compute = [], []
+    out: dict[str, np.ndarray] = {}
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        answer, out = client.request(header, arrays)
+        round_trips.append((time.perf_counter() - t0) * 1000)
+        compute.append(float(answer["compute_ms"]))
+    return round_trips, compute, out
 
 
 def concurrent(client: TowerWorkerClient, version: str, feeds: dict, threads_n: int,
@@ -291,14 +307,7 @@ def overhead_client(args: argparse.Namespace) -> None:
     for batch in (int(b) for b in args.batches.split(",")):
         item_seq, time_lag = inputs(manifest, batch, seed=batch)
         arrays = [("item_seq", item_seq), ("time_lag", time_lag)]
-        for _ in range(args.warmup):
-            client.request(header, arrays)
-        rt, compute = [], []
-        for _ in range(args.runs):
-            t0 = time.perf_counter()
-            answer, _ = client.request(header, arrays)
-            rt.append((time.perf_counter() - t0) * 1000)
-            compute.append(float(answer["compute_ms"]))
+        rt, compute, _ = timed_requests(client, header, arrays, args.warmup, args.runs)
         result[batch] = {"rt_ms": rt, "compute_ms": compute}
     client.close()
     print(json.dumps(result))
