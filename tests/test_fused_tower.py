@@ -40,12 +40,16 @@ def _model(seed: int = 0, **overrides: object) -> T2Diff:
 _inputs = tower_inputs
 
 
+@pytest.mark.parametrize("kernel", ["uniform", "resident"])
 @pytest.mark.parametrize("samples_per_program", [1, 2])
 @pytest.mark.parametrize("overrides", [{}, {"drift": False, "sigma_mode": "variance"}])
-def test_fused_steps_match_fast_steps(samples_per_program: int, overrides: dict) -> None:
+def test_fused_steps_match_fast_steps(
+    samples_per_program: int, overrides: dict, kernel: str
+) -> None:
     model = _model(**overrides)
     fast = FastUNetSteps(model)
-    fused = FusedUNetSteps(model, samples_per_program=samples_per_program).to(DEVICE)
+    fused = FusedUNetSteps(model, samples_per_program=samples_per_program, kernel=kernel)
+    fused = fused.to(DEVICE)
     for batch in (1, 3):  # 3 with two samples per program: a half-empty last program
         item_seq, _, noise = _inputs(model, batch)
         with torch.no_grad():
@@ -68,6 +72,20 @@ def test_both_kernel_builds_give_the_same_answer(kernel: str) -> None:
     assert fused.chunks[kernel] == ({16: 16, 32: 16, 64: 16} if kernel == "uniform" else
                                     {16: 16, 32: 32, 64: 32})  # fmt: skip
     item_seq, _, noise = _inputs(model, 2, seed=6)
+    with torch.no_grad():
+        x = model.item_emb(item_seq)
+        expected = fast(x, noise)
+        got = fused(x.to(DEVICE), noise.to(DEVICE)).cpu()
+    assert (got - expected).abs().max().item() < TOL
+
+
+def test_resident_build_on_the_served_shape() -> None:
+    # L = 50 (rows padded to 64 / 32 / 16 per level: pooling and upsampling cross row blocks
+    # of different sizes), d = 64, widths 16 / 32 / 64: the ML-1M tower's shape.
+    model = _model(seed=7, dim=64, max_seq_len=50, diffusion_steps=2)
+    fast = FastUNetSteps(model)
+    fused = FusedUNetSteps(model, kernel="resident").to(DEVICE)
+    item_seq, _, noise = _inputs(model, 2, seed=8)
     with torch.no_grad():
         x = model.item_emb(item_seq)
         expected = fast(x, noise)
