@@ -429,7 +429,6 @@ if HAVE_TRITON:
         last = (p0 == L0 - 1) & (s0 < n_samples)
         tl.store(result + s0[:, None] * D + dd[None, :], z, mask=last[:, None])
 
-
     # ---- The "resident" build: a step's activations never leave the CTA. ----
     # Every level's activations are register tensors [R, C] (rows r = sample * BL + position,
     # rows at positions >= L kept at zero); the conv taps, pooling and upsampling are
