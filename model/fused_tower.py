@@ -45,7 +45,11 @@ except ImportError:  # CPU-only installs: the module still imports, the kernel i
     tl = None  # type: ignore[assignment]
     HAVE_TRITON = False
 
-PRECISIONS = ("ieee", "tf32x3", "tf32", "bf16")
+PRECISIONS = ("ieee", "tf32x3", "tf32", "tf32s", "bf16")
+# "tf32s": tf32 operands except on the diffusion state's path (the first convolution and
+# residual on z_t, and the output projection that makes z_{t-1}), which run in tf32x3; the
+# state carries the rounding of every step into the next, the U-Net's inside does not.
+_STATE_PRECISION = {"tf32s": ("tf32", "tf32x3")}
 KERNELS = ("auto", "pipelined", "uniform", "resident")
 
 
@@ -238,6 +242,7 @@ if HAVE_TRITON:
         PREC: tl.constexpr,
         EPS: tl.constexpr,
         PREFETCH: tl.constexpr,
+        A_PREC: tl.constexpr,
     ):
         """One ``ConvBlock`` on ``cat([a, b])`` (``b`` optional): conv3 -> LN -> SiLU -> conv3
         (+ folded bias and step bias) -> LN -> SiLU, plus the 1x1 residual.  Result [R, COUT]
@@ -259,7 +264,7 @@ if HAVE_TRITON:
         skip = tl.zeros([R, COUT], dtype=tl.float32)
         acc, skip = _conv_part(
             acc, skip, weights, W1, WS, a_src, samp, pos, L, A_L, A_C, 0, CIN, COUT, A_MODE, True,
-            A_KC, PREC, PREFETCH,
+            A_KC, A_PREC, PREFETCH,
         )  # fmt: skip
         if B_C > 0:
             acc, skip = _conv_part(
@@ -331,19 +336,21 @@ if HAVE_TRITON:
         PREC: tl.constexpr,
         EPS: tl.constexpr,
         PREFETCH: tl.constexpr,
+        ZPREC: tl.constexpr,
     ):
         """One U-Net pass at step ``t``: the last hidden layer [R0, W0] (before ``out``)."""
         _block(weights, FIRST, t, s0, p0, zbuf, L0, D, 0, zbuf, L0, 0, cond, skip_x, True,
-               tmp0, h0, True, L0, W0, T, R0, KCD, KCD, KC0, PREC, EPS, PREFETCH)  # fmt: skip
+               tmp0, h0, True, L0, W0, T, R0, KCD, KCD, KC0, PREC, EPS, PREFETCH,
+               ZPREC)  # fmt: skip
         _block(weights, DOWN1, t, s1, p1, h0, L0, W0, 2, h0, L0, 0, cond, skip_x, False,
-               tmp1, d1, True, L1, W1, T, R1, KC0, KC0, KC1, PREC, EPS, PREFETCH)  # fmt: skip
+               tmp1, d1, True, L1, W1, T, R1, KC0, KC0, KC1, PREC, EPS, PREFETCH, PREC)  # fmt: skip
         _block(weights, DOWN2, t, s2, p2, d1, L1, W1, 2, d1, L1, 0, cond, skip_x, False,
-               tmp2, d2, True, L2, W2, T, R2, KC1, KC1, KC2, PREC, EPS, PREFETCH)  # fmt: skip
+               tmp2, d2, True, L2, W2, T, R2, KC1, KC1, KC2, PREC, EPS, PREFETCH, PREC)  # fmt: skip
         _block(weights, UP1, t, s1, p1, d2, L2, W2, 1, d1, L1, W1, cond, skip_x, False,
-               tmp1, u1, True, L1, W1, T, R1, KC2, KC1, KC1, PREC, EPS, PREFETCH)  # fmt: skip
+               tmp1, u1, True, L1, W1, T, R1, KC2, KC1, KC1, PREC, EPS, PREFETCH, PREC)  # fmt: skip
         return _block(weights, UP0, t, s0, p0, u1, L1, W1, 1, h0, L0, W0, cond, skip_x, False,
                       tmp0, h0, False, L0, W0, T, R0, KC1, KC0, KC0, PREC, EPS,
-                      PREFETCH)  # fmt: skip
+                      PREFETCH, PREC)  # fmt: skip
 
     @triton.jit
     def _reverse_kernel(
@@ -388,6 +395,7 @@ if HAVE_TRITON:
         PREC: tl.constexpr,
         EPS: tl.constexpr,
         PREFETCH: tl.constexpr,
+        ZPREC: tl.constexpr,
     ):
         """Program ``pid`` runs the T reverse steps of samples ``pid*SPP .. pid*SPP+SPP``."""
         pid = tl.program_id(0)
@@ -416,11 +424,11 @@ if HAVE_TRITON:
             hidden = _unet(weights, t, zbuf, cond, skip_x, tmp0, tmp1, tmp2, h0, d1, d2, u1,
                            s0, p0, s1, p1, s2, p2, FIRST, DOWN1, DOWN2, UP1, UP0,
                            L0, L1, L2, W0, W1, W2, D, T, R0, R1, R2, KCD, KC0, KC1, KC2,
-                           PREC, EPS, PREFETCH)  # fmt: skip
+                           PREC, EPS, PREFETCH, ZPREC)  # fmt: skip
             # z_{t-1} = c0_t (h W_out + b_out) + ct_t z_t + sigma_t noise (c0 folded in out_w);
             # at t = 0: zhat_0 = h W_out + b_out (ct = 0, extras[0] = b_out, plain W_out)
             z = (
-                _dot(hidden, tl.load(out_w + t * (W0 * D) + w_offs), PREC)
+                _dot(hidden, tl.load(out_w + t * (W0 * D) + w_offs), ZPREC)
                 + tl.load(ct + t) * z
                 + tl.load(extras + t * (L0 * D) + step_offs, mask=row_ok[:, None], other=0.0)
             )
@@ -496,7 +504,8 @@ if HAVE_TRITON:
     def _resident_block(weights, BASE: tl.constexpr, t, p, a, A_C: tl.constexpr, b,
                         B_C: tl.constexpr, extra_pre, extra_skip, HAS_EXTRA: tl.constexpr,
                         L: tl.constexpr, R: tl.constexpr, COUT: tl.constexpr,
-                        T: tl.constexpr, PREC: tl.constexpr, EPS: tl.constexpr):  # fmt: skip
+                        T: tl.constexpr, PREC: tl.constexpr, EPS: tl.constexpr,
+                        A_PREC: tl.constexpr):  # fmt: skip
         """``_block`` on register tensors: a [R, A_C] (and b [R, B_C]) at this level."""
         CIN: tl.constexpr = A_C + B_C
         W1: tl.constexpr = BASE
@@ -514,7 +523,7 @@ if HAVE_TRITON:
         acc = tl.zeros([R, COUT], dtype=tl.float32)
         skip = tl.zeros([R, COUT], dtype=tl.float32)
         acc, skip = _resident_part(acc, skip, weights, W1, WS, a, p, L, R, A_C, 0, CIN, COUT,
-                                   True, PREC)  # fmt: skip
+                                   True, A_PREC)  # fmt: skip
         if B_C > 0:
             acc, skip = _resident_part(acc, skip, weights, W1, WS, b, p, L, R, B_C, A_C, CIN,
                                        COUT, True, PREC)  # fmt: skip
@@ -538,7 +547,8 @@ if HAVE_TRITON:
                          L1: tl.constexpr, L2: tl.constexpr, BL0: tl.constexpr,
                          BL1: tl.constexpr, BL2: tl.constexpr, W0: tl.constexpr,
                          W1: tl.constexpr, W2: tl.constexpr, D: tl.constexpr, T: tl.constexpr,
-                         SPP: tl.constexpr, PREC: tl.constexpr, EPS: tl.constexpr):  # fmt: skip
+                         SPP: tl.constexpr, PREC: tl.constexpr, EPS: tl.constexpr,
+                         ZPREC: tl.constexpr):  # fmt: skip
         """``_reverse_kernel`` with every activation in registers / shared memory."""
         pid = tl.program_id(0)
         R0: tl.constexpr = SPP * BL0
@@ -562,23 +572,25 @@ if HAVE_TRITON:
         for i in range(0, T):
             t = T - 1 - i
             h0 = _resident_block(weights, FIRST, t, p0, z, D, z, 0, cond_tile, skip_tile, True,
-                                 L0, R0, W0, T, PREC, EPS)  # fmt: skip
+                                 L0, R0, W0, T, PREC, EPS, ZPREC)  # fmt: skip
             d1 = _resident_block(weights, DOWN1, t, p1,
                                  _pool_rows(h0, BL0, L0, BL1, L1, R1, W0), W0, h0, 0,
-                                 cond_tile, skip_tile, False, L1, R1, W1, T, PREC, EPS)  # fmt: skip
+                                 cond_tile, skip_tile, False, L1, R1, W1, T, PREC, EPS,
+                                 PREC)  # fmt: skip
             d2 = _resident_block(weights, DOWN2, t, p2,
                                  _pool_rows(d1, BL1, L1, BL2, L2, R2, W1), W1, d1, 0,
-                                 cond_tile, skip_tile, False, L2, R2, W2, T, PREC, EPS)  # fmt: skip
+                                 cond_tile, skip_tile, False, L2, R2, W2, T, PREC, EPS,
+                                 PREC)  # fmt: skip
             u1 = _resident_block(weights, UP1, t, p1, _upsample_rows(d2, BL2, BL1, L1, R1, W2),
                                  W2, d1, W1, cond_tile, skip_tile, False, L1, R1, W1, T, PREC,
-                                 EPS)  # fmt: skip
+                                 EPS, PREC)  # fmt: skip
             hidden = _resident_block(weights, UP0, t, p0,
                                      _upsample_rows(u1, BL1, BL0, L0, R0, W1), W1, h0, W0,
                                      cond_tile, skip_tile, False, L0, R0, W0, T, PREC,
-                                     EPS)  # fmt: skip
+                                     EPS, PREC)  # fmt: skip
             # As in _reverse_kernel: c0 folded in out_w; at t = 0 plain W_out and b_out.
             z = (
-                _dot(hidden, tl.load(out_w + t * (W0 * D) + w_offs), PREC)
+                _dot(hidden, tl.load(out_w + t * (W0 * D) + w_offs), ZPREC)
                 + tl.load(ct + t) * z
                 + tl.load(extras + t * (L0 * D) + step_offs, mask=row_ok, other=0.0)
             )
@@ -692,7 +704,7 @@ class FusedUNetSteps(nn.Module):
         """The build that runs ``programs`` CTAs on ``device`` (see ``__init__``)."""
         if self.kernel != "auto":
             return self.kernel
-        if self.precision != "tf32" or self.num_warps > 4:
+        if self.precision not in ("tf32", "tf32s") or self.num_warps > 4:
             return "uniform"
         if device.type == "cuda":
             sms = torch.cuda.get_device_properties(device).multi_processor_count
@@ -719,12 +731,15 @@ class FusedUNetSteps(nn.Module):
         result = x.new_empty(batch, self.dim)
         first, down1, down2, up1, up0 = self.offsets
         kernel = self.kernel_for(padded // self.spp, x.device)
+        kernel_precision, state_precision = _STATE_PRECISION.get(
+            self.precision, (self.precision, self.precision)
+        )
         shapes = dict(
             FIRST=first, DOWN1=down1, DOWN2=down2, UP1=up1, UP0=up0,
             L0=l0, L1=l1, L2=l2,
             BL0=_rows_block(l0), BL1=_rows_block(l1), BL2=_rows_block(l2),
             W0=w0, W1=w1, W2=w2, D=self.dim, T=steps, SPP=self.spp,
-            PREC=self.precision, EPS=self.eps,
+            PREC=kernel_precision, ZPREC=state_precision, EPS=self.eps,
         )  # fmt: skip
         if kernel == "resident":
             _resident_kernel[(padded // self.spp,)](

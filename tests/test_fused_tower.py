@@ -79,6 +79,23 @@ def test_both_kernel_builds_give_the_same_answer(kernel: str) -> None:
     assert (got - expected).abs().max().item() < TOL
 
 
+@pytest.mark.parametrize("kernel", ["pipelined", "uniform", "resident"])
+def test_state_protected_tf32_runs_every_build(kernel: str) -> None:
+    # "tf32s": tf32 inside the U-Net, tf32x3 on the state's path.  The interpreter computes
+    # every product in float32, so this checks the wiring of the two precisions; the
+    # rounding itself is measured on the GPU (docs/results/inference.md).
+    model = _model(seed=9)
+    fast = FastUNetSteps(model)
+    fused = FusedUNetSteps(model, precision="tf32s", kernel=kernel).to(DEVICE)
+    item_seq, _, noise = _inputs(model, 2, seed=10)
+    with torch.no_grad():
+        x = model.item_emb(item_seq)
+        expected = fast(x, noise)
+        got = fused(x.to(DEVICE), noise.to(DEVICE)).cpu()
+    tol = TOL if DEVICE == "cpu" else 5e-2  # tf32 operands inside the U-Net on a GPU
+    assert (got - expected).abs().max().item() < tol
+
+
 def test_resident_build_on_the_served_shape() -> None:
     # L = 50 (rows padded to 64 / 32 / 16 per level: pooling and upsampling cross row blocks
     # of different sizes), d = 64, widths 16 / 32 / 64: the ML-1M tower's shape.
@@ -99,6 +116,8 @@ def test_auto_takes_pipelined_only_for_tf32_on_at_most_one_wave_of_4_warp_progra
     assert auto.kernel_for(1, torch.device("cpu")) == "pipelined"
     assert FusedUNetSteps(model).kernel_for(1, torch.device("cpu")) == "uniform"  # ieee
     assert FusedUNetSteps(model, precision="tf32x3").kernel_for(1, torch.device("cpu")) == "uniform"
+    tf32s = FusedUNetSteps(model, precision="tf32s")
+    assert tf32s.kernel_for(1, torch.device("cpu")) == "pipelined"
     eight = FusedUNetSteps(model, precision="tf32", num_warps=8)
     assert eight.kernel_for(1, torch.device("cpu")) == "uniform"
     assert FusedUNetSteps(model, kernel="uniform").kernel_for(1, torch.device("cpu")) == "uniform"
