@@ -471,7 +471,9 @@ class _Handler(socketserver.BaseRequestHandler):
         worker = self.server.worker
         # One buffered reader per connection: a frame usually arrives with one recv, and
         # a request header seen before (same version and batch size) is not parsed again.
-        reader = wire.FrameReader(sock, cache_headers=True)
+        # spin_us: after each answer the next request is busy-polled for that long before
+        # the recv blocks, so a steady stream of requests never waits on a sleeping core.
+        reader = wire.FrameReader(sock, cache_headers=True, spin_us=self.server.spin_us)
         while True:
             try:
                 header, arrays = reader.read()
@@ -520,17 +522,23 @@ class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     # connections in bursts when a batch of threads starts.
     request_queue_size = 256
 
-    def __init__(self, path: str, worker: TowerWorker) -> None:
+    def __init__(self, path: str, worker: TowerWorker, spin_us: int = 0) -> None:
         self.worker = worker
+        self.spin_us = spin_us
         super().__init__(path, _Handler)
 
 
-def serve(worker: TowerWorker, socket_path: Path, parent_pid: int | None = None) -> None:
+def serve(
+    worker: TowerWorker,
+    socket_path: Path,
+    parent_pid: int | None = None,
+    spin_us: int = wire.DEFAULT_SPIN_US,
+) -> None:
     """Serve until SIGTERM/SIGINT; the socket file is created 0660 and removed at exit.
 
     ``parent_pid``: also stop when that process is no longer this one's parent (the
     ``t2diff serve`` that started this worker died without stopping it, e.g. SIGKILL), so
-    that no orphaned worker holds the GPU."""
+    that no orphaned worker holds the GPU.  ``spin_us``: see ``--spin-us``."""
     socket_path = Path(socket_path)
     socket_path.parent.mkdir(parents=True, exist_ok=True)
     if socket_path.exists() or socket_path.is_symlink():
@@ -540,7 +548,7 @@ def serve(worker: TowerWorker, socket_path: Path, parent_pid: int | None = None)
         socket_path.unlink()
     old_umask = os.umask(0o117)
     try:
-        server = _Server(str(socket_path), worker)
+        server = _Server(str(socket_path), worker, spin_us)
     finally:
         os.umask(old_umask)
 
@@ -568,18 +576,37 @@ def serve(worker: TowerWorker, socket_path: Path, parent_pid: int | None = None)
 
 
 def ping(socket_path: Path, timeout_s: float = 3.0) -> int:
-    """0 when a worker answers a health frame at ``socket_path`` (prints its versions)."""
+    """0 when a worker answers a health frame at ``socket_path`` (prints its versions).
+
+    One try (a container health check retries by itself), through the service's client."""
+    from service.remote_tower import TowerWorkerClient, WorkerError, wait_healthy
+
+    client = TowerWorkerClient(socket_path, timeout_s=timeout_s, connect_timeout_s=timeout_s,
+                               spin_us=0)  # fmt: skip
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(timeout_s)
-            sock.connect(str(socket_path))
-            sock.sendall(wire.encode({"op": wire.OP_HEALTH}))
-            header, _ = wire.read_frame(sock)
-    except (OSError, ValueError) as exc:
+        header = wait_healthy(client, deadline_s=0.0)
+    except WorkerError as exc:
         print(f"tower worker at {socket_path}: {exc}")
         return 1
+    finally:
+        client.close()
+    assert header is not None  # no stop event: an answer or an exception
     print(f"tower worker at {socket_path}: versions {header.get('versions')}")
-    return 0 if header.get("ok") else 1
+    return 0
+
+
+# The service's setting of the same name: a sidecar worker given the service's environment
+# polls as long as its clients do.
+SPIN_ENV = "T2DIFF_TOWER_WORKER_SPIN_US"
+
+
+def _default_spin_us() -> int:
+    raw = os.environ.get(SPIN_ENV, "").strip()
+    try:
+        return max(0, int(raw)) if raw else wire.DEFAULT_SPIN_US
+    except ValueError:
+        log.warning("%s=%r is not an integer: using %d", SPIN_ENV, raw, wire.DEFAULT_SPIN_US)
+        return wire.DEFAULT_SPIN_US
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -604,6 +631,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--log-level", default="info")
     parser.add_argument("--parent-pid", type=int, default=None,
                         help="stop when this process is gone (set by `t2diff serve`)")  # fmt: skip
+    parser.add_argument("--spin-us", type=int, default=_default_spin_us(),
+                        help="after each answer, busy-poll a connection for its next request "
+                             "this long (µs) before blocking; 0 = block at once (default: "
+                             f"${SPIN_ENV} or {wire.DEFAULT_SPIN_US})")  # fmt: skip
     parser.add_argument("--ping", action="store_true",
                         help="ask the worker at --socket for its health; exit 0 when it answers "
                              "(a container health check)")  # fmt: skip
@@ -632,7 +663,7 @@ def main(argv: list[str] | None = None) -> None:
         max_bucket=args.max_bucket,
         graphs=not args.no_graphs,
     )
-    serve(worker, args.socket, parent_pid=args.parent_pid)
+    serve(worker, args.socket, parent_pid=args.parent_pid, spin_us=max(0, args.spin_us))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import logging
 import socket
+import subprocess
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -52,17 +54,29 @@ class _Connection:
 
     __slots__ = ("sock", "reader", "timeout_s")
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, spin_us: int) -> None:
         self.sock = sock
-        self.reader = wire.FrameReader(sock)
+        self.reader = wire.FrameReader(sock, spin_us=spin_us)
         self.timeout_s: float | None = None
 
     def close(self) -> None:
         self.sock.close()
 
 
+class WorkerExited(WorkerError):
+    """The worker's process ended while :func:`wait_healthy` waited for it."""
+
+    def __init__(self, returncode: int) -> None:
+        super().__init__(f"the tower worker exited with {returncode}")
+        self.returncode = returncode
+
+
 class TowerWorkerClient:
-    """Pooled connections to one worker socket; ``timeout_s`` bounds each request."""
+    """Pooled connections to one worker socket; ``timeout_s`` bounds each request.
+
+    ``spin_us``: how long a request busy-polls for the answer before it blocks
+    (``contracts.tower_wire.FrameReader``; ``Settings.tower_worker_spin_us`` says why and
+    how long); 0 = block at once."""
 
     def __init__(
         self,
@@ -70,9 +84,11 @@ class TowerWorkerClient:
         timeout_s: float = 1.0,
         connect_timeout_s: float = 0.2,
         max_idle: int = 8,
+        spin_us: int = wire.DEFAULT_SPIN_US,
     ) -> None:
         self.socket_path = str(socket_path)
         self.timeout_s = timeout_s
+        self.spin_us = spin_us
         self.connect_timeout_s = connect_timeout_s
         self.max_idle = max_idle
         self._idle: list[_Connection] = []
@@ -91,7 +107,7 @@ class TowerWorkerClient:
             sock.close()
             raise WorkerError(f"cannot connect to the tower worker at {self.socket_path}: "
                               f"{exc}") from exc  # fmt: skip
-        return _Connection(sock)
+        return _Connection(sock, self.spin_us)
 
     def _borrow(self) -> tuple[_Connection, bool]:
         """A connection and whether it came from the pool (one lock per request)."""
@@ -177,6 +193,38 @@ class TowerWorkerClient:
         return embedding
 
 
+def wait_healthy(
+    client: TowerWorkerClient,
+    deadline_s: float,
+    proc: subprocess.Popen[Any] | None = None,
+    stop: threading.Event | None = None,
+    interval_s: float = 0.1,
+) -> dict[str, Any] | None:
+    """Ask the worker for its health until it answers: its answer, or None when ``stop``
+    was set.  Tried at least once (``deadline_s`` = 0: exactly once); between tries,
+    ``interval_s`` (woken early by ``stop``).
+
+    Raises :class:`WorkerExited` as soon as ``proc`` (the worker's process, when the caller
+    started it) has ended, instead of waiting out the deadline; the last
+    :class:`WorkerError` once ``deadline_s`` has passed.  One helper for every "wait until
+    the worker is up" (``t2diff serve``'s child, the benchmark, ``--ping``)."""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        if stop is not None and stop.is_set():
+            return None
+        if proc is not None and proc.poll() is not None:
+            raise WorkerExited(proc.returncode)
+        try:
+            return client.health()
+        except WorkerError:
+            if time.monotonic() >= deadline:
+                raise
+        if stop is not None:
+            stop.wait(interval_s)
+        else:
+            time.sleep(interval_s)
+
+
 def attach_worker(
     socket_path: Path | str,
     artifacts_dir: Path,
@@ -184,6 +232,7 @@ def attach_worker(
     embedding_dim: int,
     timeout_s: float,
     load_timeout_s: float,
+    spin_us: int = wire.DEFAULT_SPIN_US,
 ) -> TowerWorkerClient:
     """A client for a worker that holds ``model_version`` (asked to load it from
     ``artifacts_dir`` when it does not yet), or :class:`WorkerError`.
@@ -192,7 +241,7 @@ def attach_worker(
     size, is refused (:class:`WorkerRefused` ``version_mismatch``): a service must never
     score one version's user vectors against another's items.
     """
-    client = TowerWorkerClient(socket_path, timeout_s)
+    client = TowerWorkerClient(socket_path, timeout_s, spin_us=spin_us)
     try:
         health = client.health(timeout_s=max(timeout_s, 1.0))
         if model_version not in health.get("versions", []):
@@ -229,6 +278,7 @@ class TowerBackend:
     socket_path: Path | None = None
     timeout_s: float = 1.0
     load_timeout_s: float = 600.0
+    spin_us: int = wire.DEFAULT_SPIN_US
 
     @classmethod
     def from_settings(cls, settings: Settings) -> TowerBackend:
@@ -237,6 +287,7 @@ class TowerBackend:
             settings.tower_worker_socket,
             settings.tower_worker_timeout_ms / 1000,
             settings.tower_worker_load_timeout_s,
+            settings.tower_worker_spin_us,
         )
 
     def attach(
@@ -250,7 +301,8 @@ class TowerBackend:
             raise ArtifactError("TOWER_BACKEND=worker needs TOWER_WORKER_SOCKET")
         try:
             client = attach_worker(self.socket_path, artifacts_dir, model_version,
-                                   embedding_dim, self.timeout_s, self.load_timeout_s)  # fmt: skip
+                                   embedding_dim, self.timeout_s, self.load_timeout_s,
+                                   self.spin_us)  # fmt: skip
         except WorkerRefused as exc:
             if exc.code == "version_mismatch" or self.backend == "worker":
                 raise ArtifactError(f"tower worker: {exc}") from exc

@@ -86,6 +86,21 @@ class Settings(BaseSettings):
     tower_worker_timeout_ms: int = Field(default=1000, gt=0, le=60_000)
     # Loading a version into the worker compiles the kernel and captures its CUDA graphs.
     tower_worker_load_timeout_s: float = Field(default=600.0, gt=0)
+    # Busy-polling for the worker's answer before a blocking wait, µs (0 = block at once, the
+    # old behaviour).  `t2diff serve` passes it to the worker child too (`--spin-us`; a
+    # sidecar reads the same T2DIFF_TOWER_WORKER_SPIN_US), which then polls that long for a
+    # connection's next request after each answer.  Why: waking a core that went idle in a
+    # blocking recv cost p99 tails of 1.4-2.4 ms on the H100 box (docs/operations.md).
+    # Why 2000: a B = 1 round trip on the H100 is ~1.7 ms of kernel + ~0.2 ms of overhead,
+    # so the answer usually lands while the client still polls; a longer wait (large
+    # batches) falls back to the blocking recv after 2 ms.  The cost is CPU, bounded: at
+    # most ONE thread per process polls at a time (the others block), so a service of
+    # WORKERS uvicorn processes burns at most WORKERS cores, and only while tower requests
+    # are in flight (at most 2 ms each); the poll yields the GIL each ~2 µs, so the
+    # process's other threads (the event loop) are not held up.  A worker only runs on a
+    # GPU box, where cores are plenty; lower it where they are not.  The default is
+    # contracts.tower_wire.DEFAULT_SPIN_US (a test checks), not imported: that pulls numpy.
+    tower_worker_spin_us: int = Field(default=2000, ge=0, le=100_000)
 
     # Latency budget.  A recall answers within min(budget, the caller's deadline header):
     # a stage that would overrun it is abandoned and the answer falls back to popular items

@@ -38,7 +38,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -134,13 +133,18 @@ def _socket_dir() -> Path:
 class TowerWorkerChild:
     """``python -m model.tower_worker`` as this process's child, restarted if it dies."""
 
-    def __init__(self, artifacts_dir: Path, device: str, start_timeout_s: float) -> None:
+    def __init__(
+        self, artifacts_dir: Path, device: str, start_timeout_s: float, spin_us: int = 2000
+    ) -> None:
         artifacts = Path(artifacts_dir).absolute()
         self.artifacts = artifacts
         # Exports beside the served one (new versions of a release root) may be loaded.
         self.allow_root = Path(os.path.realpath(artifacts)).parent
         self.device = device
         self.start_timeout_s = start_timeout_s
+        # The service's TOWER_WORKER_SPIN_US: the worker polls for the next request as long
+        # as the service's client polls for the answer (Settings says why).
+        self.spin_us = spin_us
         self.socket_dir = _socket_dir()
         self.socket_path = self.socket_dir / SOCKET_NAME
         self.proc: subprocess.Popen[bytes] | None = None
@@ -153,7 +157,7 @@ class TowerWorkerChild:
             sys.executable, "-m", "model.tower_worker",
             "--artifacts", str(self.artifacts), "--socket", str(self.socket_path),
             "--device", self.device, "--allow-root", str(self.allow_root),
-            "--parent-pid", str(os.getpid()),
+            "--parent-pid", str(os.getpid()), "--spin-us", str(self.spin_us),
         ]  # fmt: skip
 
     def _spawn(self) -> subprocess.Popen[bytes]:
@@ -169,30 +173,26 @@ class TowerWorkerChild:
 
     def _wait_ready(self, proc: subprocess.Popen[bytes]) -> str | None:
         """None once the worker answers a health frame; else why it did not."""
-        from service.remote_tower import TowerWorkerClient, WorkerError
+        from service.remote_tower import TowerWorkerClient, WorkerError, WorkerExited, wait_healthy
 
-        client = TowerWorkerClient(self.socket_path, timeout_s=5.0)
-        deadline = time.monotonic() + self.start_timeout_s
+        client = TowerWorkerClient(self.socket_path, timeout_s=5.0, spin_us=0)
         try:
-            while not self._stopping.is_set():
-                if proc.poll() is not None:
-                    return f"the worker exited with {proc.returncode} (its log is above)"
-                try:
-                    health = client.health()
-                except WorkerError:
-                    if time.monotonic() > deadline:
-                        return f"no answer within {self.start_timeout_s:g} s"
-                    time.sleep(0.2)
-                    continue
-                log.info(
-                    "tower worker pid %d ready on %s: %s path=%s device=%s",
-                    proc.pid, self.socket_path, health.get("versions"), health.get("path"),
-                    health.get("device"),
-                )  # fmt: skip
-                return None
-            return "stopping"
+            health = wait_healthy(client, self.start_timeout_s, proc=proc, stop=self._stopping,
+                                  interval_s=0.2)  # fmt: skip
+        except WorkerExited as exc:
+            return f"the worker exited with {exc.returncode} (its log is above)"
+        except WorkerError:
+            return f"no answer within {self.start_timeout_s:g} s"
         finally:
             client.close()
+        if health is None:
+            return "stopping"
+        log.info(
+            "tower worker pid %d ready on %s: %s path=%s device=%s",
+            proc.pid, self.socket_path, health.get("versions"), health.get("path"),
+            health.get("device"),
+        )  # fmt: skip
+        return None
 
     def start(self) -> bool:
         """Start the worker and wait for it; False (logged, cleaned up) when it failed."""
@@ -303,7 +303,8 @@ def tower_worker(mode: str, settings: Settings) -> Iterator[Settings]:
     # of ending the process at once: while the worker starts, and after uvicorn's graceful
     # shutdown, which re-raises the signal it caught under the handler found before it ran.
     previous = signal.signal(signal.SIGTERM, _terminated)
-    child = TowerWorkerChild(settings.artifacts_dir, device, _start_timeout())
+    child = TowerWorkerChild(settings.artifacts_dir, device, _start_timeout(),
+                             settings.tower_worker_spin_us)  # fmt: skip
     try:
         up = child.start()
         if not up:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -119,3 +120,106 @@ def test_client_header_cache_encodes_the_same_bytes() -> None:
     # Unhashable header values are encoded, not cached.
     parts, _ = wire.frame_parts({"op": "x", "list": [1, 2]}, [], cache)
     assert len(cache) == 2 and b'"list":[1,2]' in parts[0]
+
+
+# --------------------------------------------------------------------------- spinning
+# FrameReader(spin_us=...) busy-polls before it blocks.  What must not change: the frames
+# read, a socket timeout (the client's deadline) and a closed peer.  No time is asserted:
+# a spin that ignored the deadline or the peer would fail with the wrong error, or hang.
+
+
+def _send_later(sock: socket.socket, chunks: list[bytes], pause_s: float) -> threading.Thread:
+    """Send ``chunks`` from a thread, ``pause_s`` before each (so that the reader is
+    waiting: in the spin, or past it when the pause is longer than the spin)."""
+
+    def run() -> None:
+        for chunk in chunks:
+            time.sleep(pause_s)
+            sock.sendall(chunk)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize("timeout_s", [None, 30.0])
+def test_spinning_reads_the_same_frames(timeout_s: float | None) -> None:
+    """Spin off, spin long (the bytes land while it polls) and spin short (they land after
+    it: the blocking recv takes them): the same frames, also when a frame arrives in parts;
+    the socket's timeout is left as it was."""
+    frames = [({"n": n}, _arrays(n + 1)) for n in range(3)]
+    data = [wire.encode(h, a) for h, a in frames]
+    # Each frame's first 5 bytes alone, then the rest, then the next frame whole.
+    chunks = [data[0][:5], data[0][5:], data[1], data[2]]
+    results = []
+    for spin_us in (0, 60_000_000, 500):
+        a, b = socket.socketpair()
+        with a, b:
+            b.settimeout(timeout_s)
+            reader = wire.FrameReader(b, spin_us=spin_us)
+            sender = _send_later(a, chunks, 0.02)
+            got = [reader.read() for _ in frames]
+            sender.join()
+            assert b.gettimeout() == timeout_s
+        results.append(got)
+    for got in results:
+        for (header, arrays), (got_header, got_arrays) in zip(frames, got, strict=True):
+            assert got_header["n"] == header["n"]
+            for name, array in arrays:
+                assert np.array_equal(got_arrays[name], array)
+
+
+def test_a_deadline_fires_while_spinning() -> None:
+    """A spin far longer than the socket's timeout: the read times out as without spinning
+    (TimeoutError, what the client turns into a WorkerError), and the timeout is intact."""
+    a, b = socket.socketpair()
+    with a, b:
+        b.settimeout(0.2)
+        reader = wire.FrameReader(b, spin_us=600_000_000)
+        with pytest.raises(TimeoutError):
+            reader.read()
+        assert b.gettimeout() == 0.2
+        # The next frame still reads (the stream was not consumed by the spin).
+        a.sendall(wire.encode({"n": 1}))
+        assert reader.read()[0]["n"] == 1
+
+
+@pytest.mark.parametrize("timeout_s", [None, 20.0])
+def test_a_closed_peer_is_seen_while_spinning(timeout_s: float | None) -> None:
+    """The peer closes during a 600 s spin: PeerClosed (had the spin missed it, the read
+    would end in a TimeoutError after 20 s, or hang without a timeout)."""
+    a, b = socket.socketpair()
+    with b:
+        b.settimeout(timeout_s)
+        reader = wire.FrameReader(b, spin_us=600_000_000)
+        a.sendall(wire.encode({"n": 1}))
+        assert reader.read()[0]["n"] == 1  # what came before the close is read
+        closer = threading.Thread(target=lambda: (time.sleep(0.05), a.close()))
+        closer.start()
+        with pytest.raises(wire.PeerClosed, match="between frames"):
+            reader.read()
+        closer.join()
+
+
+def test_one_thread_spins_the_others_block() -> None:
+    """Two readers waiting at once (one holds the process's spin token, the other blocks
+    as without spinning): both get their frames."""
+    pairs = [socket.socketpair() for _ in range(2)]
+    got: dict[int, int] = {}
+
+    def read(index: int) -> None:
+        reader = wire.FrameReader(pairs[index][1], spin_us=60_000_000)
+        got[index] = reader.read()[0]["n"]
+
+    threads = [threading.Thread(target=read, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.05)
+    for index, (a, _) in enumerate(pairs):
+        a.sendall(wire.encode({"n": index}))
+    for thread in threads:
+        thread.join()
+    assert got == {0: 0, 1: 1}
+    for a, b in pairs:
+        a.close()
+        b.close()
