@@ -30,6 +30,11 @@ client run as child processes of each ``--code-root`` (old and new checkouts in 
     python3 bench/bench_tower_worker.py --overhead-only --artifacts artifacts/ml1m-t2diff_w16_s2-pt \
         --device cpu --overhead-compute noop,sleep3 --batches 1,64,256 --rounds 2 \
         --code-root old=/tmp/t2diff-old --code-root new=. --csv overhead.csv
+
+``--spin-us 0,2000,5000`` makes each spin setting (the socket's busy-polling, worker and
+client) a variant of each code root, alternated as the roots are, and prints each variant
+against the first (ratios of the overhead's p50/p95/p99 and of requests/s); ``C:W`` gives
+the client C and the worker W (e.g. ``5000:0``, the client's poll alone).
 """
 
 from __future__ import annotations
@@ -58,8 +63,12 @@ sys.path.insert(0, str(ROOT))
 from contracts import tower_wire as wire  # noqa: E402
 from contracts.manifest import USER_TOWER_FILE, read_manifest  # noqa: E402
 from contracts.tower import make_noise  # noqa: E402
-from service.remote_tower import TowerWorkerClient, WorkerError  # noqa: E402
+from service.remote_tower import TowerWorkerClient, wait_healthy  # noqa: E402
 
+# The worker's and the service's spin setting; ``--spin-us`` sets it for the worker child,
+# and CLIENT_SPIN_ENV the client child's spin_us.
+SPIN_ENV = "T2DIFF_TOWER_WORKER_SPIN_US"
+CLIENT_SPIN_ENV = "T2DIFF_BENCH_CLIENT_SPIN_US"
 HEADER = ["machine", "backend", "steps", "batch", "p50_ms", "p95_ms", "p99_ms", "samples_per_s"]
 
 
@@ -179,14 +188,10 @@ def bench_export(artifacts: Path, args: argparse.Namespace, rows: Rows) -> dict[
         try:
             client = TowerWorkerClient(sock, timeout_s=30.0)
             started = time.perf_counter()
-            while True:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"worker exited {proc.returncode}")
-                try:
-                    health = client.health()
-                    break
-                except WorkerError:
-                    time.sleep(0.1)
+            # No deadline of its own (a cold Triton cache compiles for minutes); a worker
+            # that exits ends the wait (WorkerExited).
+            health = wait_healthy(client, float("inf"), proc=proc)
+            assert health is not None
             checks["worker_start_s"] = round(time.perf_counter() - started, 2)
             checks["worker_health"] = health
             version_name = health["model_version"]
@@ -292,16 +297,13 @@ def overhead_client(args: argparse.Namespace) -> None:
     """Child process: ``--runs`` round trips per batch through ROOT's ``TowerWorkerClient``
     (the service's client); prints {batch: {"rt_ms": [...], "compute_ms": [...]}} as JSON."""
     manifest = read_manifest(args.artifacts[0], verify=False)
-    client = TowerWorkerClient(args.socket, timeout_s=60.0)
-    deadline = time.monotonic() + 300
-    while True:
-        try:
-            version_name = client.health()["model_version"]
-            break
-        except WorkerError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
+    # --spin-us: the variant's spin (only then passed: an old code root's client has none).
+    spin = os.environ.get(CLIENT_SPIN_ENV)
+    options: dict[str, Any] = {"spin_us": int(spin)} if spin else {}
+    client = TowerWorkerClient(args.socket, timeout_s=60.0, **options)
+    health = wait_healthy(client, 300.0, interval_s=0.05)
+    assert health is not None
+    version_name = health["model_version"]
     header = {"op": wire.OP_EMBED, "model_version": version_name}
     result: dict[int, dict[str, list[float]]] = {}
     for batch in (int(b) for b in args.batches.split(",")):
@@ -315,44 +317,26 @@ def overhead_client(args: argparse.Namespace) -> None:
 
 def overhead_only(args: argparse.Namespace, rows: Rows) -> dict[str, Any]:
     """Round trip minus the worker's compute (and the round trip to a no-op worker), for
-    each ``--code-root`` (LABEL=DIR; default: this checkout), alternated over ``--rounds``
-    so that old and new code share the machine's state.  Worker and client are both child
-    processes of the code under test, as the worker and the service are."""
+    each variant: a ``--code-root`` (LABEL=DIR; default: this checkout) x a ``--spin-us``
+    value (LABEL-spinN or LABEL-spinC:W; default: the code's own spin setting).  The variants alternate
+    within each compute and each of ``--rounds`` (in reverse order every other round), so
+    that they share the machine's state.  Worker and client are both child processes of
+    the code under test, as the worker and the service are."""
     roots = [r.partition("=")[::2] for r in args.code_root] or [("this", str(ROOT))]
+    spins: list[str | None] = list(args.spin_us.split(",")) if args.spin_us else [None]
+    variants = [
+        (label if spin is None else f"{label}-spin{spin}", root, spin)
+        for label, root in roots
+        for spin in spins
+    ]
     batches = [int(b) for b in args.batches.split(",")]
     samples: dict[tuple[str, str, int], dict[str, list[float]]] = {}
     checks: dict[str, Any] = {"loadavg_start": Path("/proc/loadavg").read_text().strip()}
     print(f"loadavg at start: {checks['loadavg_start']}", flush=True)
     for round_n in range(args.rounds):
-        for label, root in roots:
-            for compute in args.overhead_compute.split(","):
-                sock = Path(tempfile.mkdtemp(prefix="t2tw-", dir="/tmp")) / "tower.sock"
-                worker_args = ["--artifacts", str(args.artifacts[0]), "--socket", str(sock),
-                               "--device", args.device, "--log-level", "warning",
-                               *args.worker_args.split()]  # fmt: skip
-                env = {**os.environ, "T2DIFF_BENCH_CODE_ROOT": root, "PYTHONPATH": root}
-                if compute == "noop" or compute.startswith("sleep"):
-                    command = [sys.executable, __file__, "--noop-worker", *worker_args]
-                    env["T2DIFF_BENCH_NOOP_SLEEP_MS"] = compute.removeprefix("sleep").replace(
-                        "noop", "0"
-                    )
-                else:
-                    command = [sys.executable, "-m", "model.tower_worker", "--path", compute,
-                               *worker_args]  # fmt: skip
-                worker = subprocess.Popen(command, cwd=root, env=env)
-                try:
-                    client = subprocess.run(
-                        [sys.executable, __file__, "--overhead-client", "--socket", str(sock),
-                         "--artifacts", str(args.artifacts[0]), "--batches", args.batches,
-                         "--runs", str(args.runs), "--warmup", str(args.warmup)],
-                        cwd=root, env=env, capture_output=True, text=True, check=False,
-                    )  # fmt: skip
-                finally:
-                    worker.terminate()
-                    worker.wait(30)
-                if client.returncode != 0:
-                    raise RuntimeError(f"client ({label}, {compute}): {client.stderr[-2000:]}")
-                got = json.loads(client.stdout.strip().splitlines()[-1])
+        for compute in args.overhead_compute.split(","):
+            for label, root, spin in variants if round_n % 2 == 0 else variants[::-1]:
+                got = _overhead_cell(args, root, compute, spin, label)
                 for batch in batches:
                     cell = samples.setdefault((label, compute, batch),
                                               {"rt": [], "over": [], "compute": []})  # fmt: skip
@@ -373,9 +357,73 @@ def overhead_only(args: argparse.Namespace, rows: Rows) -> dict[str, Any]:
             checks[f"{name}_{compute}_{label}_B{batch}_ms"] = {
                 "p50": round(p50, 4), "p95": round(p95, 4), "p99": round(p99, 4),
             }  # fmt: skip
+        # One client sends back to back: requests/s is the inverse of the mean round trip.
+        checks[f"requests_per_s_{compute}_{label}_B{batch}"] = round(
+            1000 * len(cell["rt"]) / sum(cell["rt"]), 1
+        )
+    if len(variants) > 1:
+        _print_comparison(checks, variants, args.overhead_compute.split(","), batches)
     checks["loadavg_end"] = Path("/proc/loadavg").read_text().strip()
     print(f"loadavg at end: {checks['loadavg_end']}", flush=True)
     return checks
+
+
+def _overhead_cell(
+    args: argparse.Namespace, root: str, compute: str, spin: str | None, label: str
+) -> dict[str, dict[str, list[float]]]:
+    """One worker + one client of ``root`` for one compute: the client's JSON."""
+    sock = Path(tempfile.mkdtemp(prefix="t2tw-", dir="/tmp")) / "tower.sock"
+    worker_args = ["--artifacts", str(args.artifacts[0]), "--socket", str(sock),
+                   "--device", args.device, "--log-level", "warning",
+                   *args.worker_args.split()]  # fmt: skip
+    env = {**os.environ, "T2DIFF_BENCH_CODE_ROOT": root, "PYTHONPATH": root}
+    env.pop(SPIN_ENV, None)
+    env.pop(CLIENT_SPIN_ENV, None)
+    if spin is not None:  # "N" for both, or "C:W": the client's spin_us, the worker's
+        client_spin, _, worker_spin = spin.partition(":")
+        env[CLIENT_SPIN_ENV] = str(int(client_spin))
+        env[SPIN_ENV] = str(int(worker_spin or client_spin))
+    if compute == "noop" or compute.startswith("sleep"):
+        command = [sys.executable, __file__, "--noop-worker", *worker_args]
+        env["T2DIFF_BENCH_NOOP_SLEEP_MS"] = compute.removeprefix("sleep").replace("noop", "0")
+    else:
+        command = [sys.executable, "-m", "model.tower_worker", "--path", compute,
+                   *worker_args]  # fmt: skip
+    worker = subprocess.Popen(command, cwd=root, env=env)
+    try:
+        client = subprocess.run(
+            [sys.executable, __file__, "--overhead-client", "--socket", str(sock),
+             "--artifacts", str(args.artifacts[0]), "--batches", args.batches,
+             "--runs", str(args.runs), "--warmup", str(args.warmup)],
+            cwd=root, env=env, capture_output=True, text=True, check=False,
+        )  # fmt: skip
+    finally:
+        worker.terminate()
+        worker.wait(30)
+    if client.returncode != 0:
+        raise RuntimeError(f"client ({label}, {compute}): {client.stderr[-2000:]}")
+    return json.loads(client.stdout.strip().splitlines()[-1])
+
+
+def _print_comparison(
+    checks: dict[str, Any], variants: list[tuple[str, str, str | None]], computes: list[str],
+    batches: list[int],
+) -> None:  # fmt: skip
+    """Each variant against the first: overhead p50/p95/p99 and requests/s, as ratios (on a
+    shared, noisy box the ratios within one run are what compares)."""
+    base = variants[0][0]
+    print(f"\nagainst {base} (ratio = variant / {base}; overhead ms; requests/s):", flush=True)
+    for compute in computes:
+        for batch in batches:
+            ref = checks[f"overhead_{compute}_{base}_B{batch}_ms"]
+            ref_rps = checks[f"requests_per_s_{compute}_{base}_B{batch}"]
+            for label, _, _ in variants:
+                cur = checks[f"overhead_{compute}_{label}_B{batch}_ms"]
+                rps = checks[f"requests_per_s_{compute}_{label}_B{batch}"]
+                ratios = " / ".join(f"{cur[q]:.3f} ({cur[q] / ref[q]:.2f})"
+                                    for q in ("p50", "p95", "p99"))  # fmt: skip
+                print(f"  {compute:8s} B={batch:<4d} {label:24s} p50/p95/p99 {ratios}  "
+                      f"{rps:8.1f} req/s ({rps / ref_rps:.2f})", flush=True)  # fmt: skip
 
 
 def write_outputs(args: argparse.Namespace, rows: Rows, all_checks: list[dict[str, Any]]) -> None:
@@ -419,6 +467,11 @@ def main() -> None:
     parser.add_argument("--code-root", action="append", default=[], metavar="LABEL=DIR",
                         help="with --overhead-only: the checkout whose worker and client are "
                              "timed, repeatable (e.g. old=/tmp/t2diff-old new=.)")  # fmt: skip
+    parser.add_argument("--spin-us", default="",
+                        help="with --overhead-only: a comma list of spin settings (µs; sets "
+                             f"{SPIN_ENV} for worker and client), each a variant of every "
+                             "code root, e.g. 0,2000,5000; C:W = client C, worker W "
+                             "(default: the code's own)")  # fmt: skip
     parser.add_argument(
         "--rounds",
         type=int,

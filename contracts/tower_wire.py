@@ -78,8 +78,14 @@ _JSON = json.JSONEncoder(separators=(",", ":"))
 READ_BUFFER_BYTES = 256 * 1024
 
 # Busy-polling before a blocking receive (FrameReader spin_us), the default of both sides
-# (the service's TOWER_WORKER_SPIN_US, the worker's --spin-us): see Settings for why 2000.
+# (the service's TOWER_WORKER_SPIN_US, the worker's --spin-us; Settings says why 2000), on
+# a machine where this process may use at least SPIN_MIN_CPUS cores (default_spin_us).
 DEFAULT_SPIN_US = 2000
+# Why a floor: a poller is a runnable thread that needs a core of its own.  On the shared
+# 2-core box (client, worker and other load) spinning made the no-op round trip's p99 up
+# to 20x worse (0.28 -> 4.9-5.4 ms; docs/operations.md): the process that had work to do
+# waited for a time slice behind a poller.  A GPU box has cores to spare.
+SPIN_MIN_CPUS = 4
 # At most one thread of a process spins at a time: it bounds the CPU burnt to one core per
 # process (the service's batcher threads, the worker's connection threads), and spinners
 # would otherwise compete for the GIL with each other.  A thread that finds the token taken
@@ -93,6 +99,15 @@ _NOTHING_QUEUED = bytes(4)  # FIONREAD's int when nothing is queued
 OP_HEALTH = "health"
 OP_LOAD = "load"
 OP_EMBED = "embed"
+
+
+def default_spin_us() -> int:
+    """DEFAULT_SPIN_US where this process may use SPIN_MIN_CPUS cores or more, else 0."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # no affinity call on this platform
+        cpus = os.cpu_count() or 1
+    return DEFAULT_SPIN_US if cpus >= SPIN_MIN_CPUS else 0
 
 
 class FrameError(ValueError):

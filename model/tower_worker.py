@@ -532,7 +532,7 @@ def serve(
     worker: TowerWorker,
     socket_path: Path,
     parent_pid: int | None = None,
-    spin_us: int = wire.DEFAULT_SPIN_US,
+    spin_us: int = 0,
 ) -> None:
     """Serve until SIGTERM/SIGINT; the socket file is created 0660 and removed at exit.
 
@@ -601,12 +601,14 @@ SPIN_ENV = "T2DIFF_TOWER_WORKER_SPIN_US"
 
 
 def _default_spin_us() -> int:
+    """$T2DIFF_TOWER_WORKER_SPIN_US, else ``wire.default_spin_us()`` (2000 µs on a machine
+    of 4 cores or more, else 0), as the service resolves its setting."""
     raw = os.environ.get(SPIN_ENV, "").strip()
     try:
-        return max(0, int(raw)) if raw else wire.DEFAULT_SPIN_US
+        return max(0, int(raw)) if raw else wire.default_spin_us()
     except ValueError:
-        log.warning("%s=%r is not an integer: using %d", SPIN_ENV, raw, wire.DEFAULT_SPIN_US)
-        return wire.DEFAULT_SPIN_US
+        log.warning("%s=%r is not an integer: using the default", SPIN_ENV, raw)
+        return wire.default_spin_us()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -634,7 +636,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--spin-us", type=int, default=_default_spin_us(),
                         help="after each answer, busy-poll a connection for its next request "
                              "this long (µs) before blocking; 0 = block at once (default: "
-                             f"${SPIN_ENV} or {wire.DEFAULT_SPIN_US})")  # fmt: skip
+                             f"${SPIN_ENV}, else {wire.DEFAULT_SPIN_US} with >= "
+                             f"{wire.SPIN_MIN_CPUS} usable cores, else 0)")  # fmt: skip
     parser.add_argument("--ping", action="store_true",
                         help="ask the worker at --socket for its health; exit 0 when it answers "
                              "(a container health check)")  # fmt: skip

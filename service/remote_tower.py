@@ -76,7 +76,7 @@ class TowerWorkerClient:
 
     ``spin_us``: how long a request busy-polls for the answer before it blocks
     (``contracts.tower_wire.FrameReader``; ``Settings.tower_worker_spin_us`` says why and
-    how long); 0 = block at once."""
+    how long); 0 = block at once; None = ``wire.default_spin_us()``."""
 
     def __init__(
         self,
@@ -84,11 +84,11 @@ class TowerWorkerClient:
         timeout_s: float = 1.0,
         connect_timeout_s: float = 0.2,
         max_idle: int = 8,
-        spin_us: int = wire.DEFAULT_SPIN_US,
+        spin_us: int | None = None,
     ) -> None:
         self.socket_path = str(socket_path)
         self.timeout_s = timeout_s
-        self.spin_us = spin_us
+        self.spin_us = wire.default_spin_us() if spin_us is None else spin_us
         self.connect_timeout_s = connect_timeout_s
         self.max_idle = max_idle
         self._idle: list[_Connection] = []
@@ -232,7 +232,7 @@ def attach_worker(
     embedding_dim: int,
     timeout_s: float,
     load_timeout_s: float,
-    spin_us: int = wire.DEFAULT_SPIN_US,
+    spin_us: int | None = None,
 ) -> TowerWorkerClient:
     """A client for a worker that holds ``model_version`` (asked to load it from
     ``artifacts_dir`` when it does not yet), or :class:`WorkerError`.
@@ -278,7 +278,7 @@ class TowerBackend:
     socket_path: Path | None = None
     timeout_s: float = 1.0
     load_timeout_s: float = 600.0
-    spin_us: int = wire.DEFAULT_SPIN_US
+    spin_us: int | None = None  # None: wire.default_spin_us()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> TowerBackend:

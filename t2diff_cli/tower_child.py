@@ -134,7 +134,11 @@ class TowerWorkerChild:
     """``python -m model.tower_worker`` as this process's child, restarted if it dies."""
 
     def __init__(
-        self, artifacts_dir: Path, device: str, start_timeout_s: float, spin_us: int = 2000
+        self,
+        artifacts_dir: Path,
+        device: str,
+        start_timeout_s: float,
+        spin_us: int | None = None,
     ) -> None:
         artifacts = Path(artifacts_dir).absolute()
         self.artifacts = artifacts
@@ -143,7 +147,8 @@ class TowerWorkerChild:
         self.device = device
         self.start_timeout_s = start_timeout_s
         # The service's TOWER_WORKER_SPIN_US: the worker polls for the next request as long
-        # as the service's client polls for the answer (Settings says why).
+        # as the service's client polls for the answer (Settings says why); None: the
+        # worker's default, resolved on this machine as the service's is.
         self.spin_us = spin_us
         self.socket_dir = _socket_dir()
         self.socket_path = self.socket_dir / SOCKET_NAME
@@ -157,7 +162,8 @@ class TowerWorkerChild:
             sys.executable, "-m", "model.tower_worker",
             "--artifacts", str(self.artifacts), "--socket", str(self.socket_path),
             "--device", self.device, "--allow-root", str(self.allow_root),
-            "--parent-pid", str(os.getpid()), "--spin-us", str(self.spin_us),
+            "--parent-pid", str(os.getpid()),
+            *(["--spin-us", str(self.spin_us)] if self.spin_us is not None else []),
         ]  # fmt: skip
 
     def _spawn(self) -> subprocess.Popen[bytes]:
