@@ -295,6 +295,7 @@ class TowerWorker:
         **version_options: Any,
     ) -> None:
         self.device = device
+        self.spin_us = 0  # set by serve() (--spin-us); reported by health
         self.version_options = version_options
         self.keep_versions = max(1, keep_versions)
         self.allow_root = Path(os.path.realpath(allow_root or Path(artifacts).resolve().parent))
@@ -322,6 +323,7 @@ class TowerWorker:
             "ok": True,
             "versions": list(self.versions),
             "pid": os.getpid(),
+            "spin_us": self.spin_us,
             **(next(reversed(self.versions.values())).describe() if self.versions else {}),
         }
 
@@ -540,6 +542,7 @@ def serve(
     ``t2diff serve`` that started this worker died without stopping it, e.g. SIGKILL), so
     that no orphaned worker holds the GPU.  ``spin_us``: see ``--spin-us``."""
     socket_path = Path(socket_path)
+    worker.spin_us = spin_us
     socket_path.parent.mkdir(parents=True, exist_ok=True)
     if socket_path.exists() or socket_path.is_symlink():
         # A stale socket of a previous worker; never delete anything that is not a socket.

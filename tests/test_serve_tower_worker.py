@@ -263,3 +263,28 @@ def test_the_serve_process_does_not_import_torch() -> None:
         "sys.exit(1 if 'torch' in sys.modules else 0)"
     )
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
+
+
+def test_the_spin_setting_reaches_the_worker_child(monkeypatch, tmp_path: Path) -> None:
+    """TOWER_WORKER_SPIN_US unset: the worker child resolves its default on this machine as
+    the service's client does (2000 µs with >= 4 usable cores, else 0); set: passed as
+    ``--spin-us`` (and 0 turns spinning off on both sides)."""
+    from contracts import tower_wire as wire
+    from service.remote_tower import TowerBackend
+
+    monkeypatch.delenv("T2DIFF_TOWER_WORKER_SPIN_US", raising=False)
+    default = Settings(artifacts_dir=tmp_path)
+    assert default.tower_worker_spin_us is None
+    assert wire.default_spin_us() in (0, wire.DEFAULT_SPIN_US)
+    assert TowerBackend.from_settings(default).spin_us is None
+    monkeypatch.setenv("T2DIFF_TOWER_WORKER_SPIN_US", "0")
+    off = Settings(artifacts_dir=tmp_path)
+    assert off.tower_worker_spin_us == 0 and TowerBackend.from_settings(off).spin_us == 0
+    for spin_us, want in ((None, None), (0, "0"), (1500, "1500")):
+        child = tower_child.TowerWorkerChild(tmp_path, "cpu", 1.0, spin_us)
+        try:
+            command = child.command()
+            got = command[command.index("--spin-us") + 1] if "--spin-us" in command else None
+            assert got == want
+        finally:
+            child.stop()  # no process: removes the socket directory

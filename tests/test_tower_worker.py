@@ -11,6 +11,9 @@ ONNX Runtime, FAISS and redis-server.
   Runtime, ``worker`` refuses to load.
 * Version mismatches are refused; a hot swap loads the new version into the worker.
 * Malformed frames are rejected and the worker keeps serving.
+* Busy-polling (``--spin-us``, the client's ``spin_us``) on and off: the same answers; a
+  stopped worker still times a spinning request out, a killed one still ends it.
+* ``wait_healthy``: a worker process that exits ends the wait at once.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,7 +44,14 @@ from contracts import tower_wire as wire
 from contracts.tower import pad_batch
 from model.t2diff import T2Diff
 from service.app import create_app
-from service.remote_tower import TowerBackend, TowerWorkerClient, WorkerError, WorkerRefused
+from service.remote_tower import (
+    TowerBackend,
+    TowerWorkerClient,
+    WorkerError,
+    WorkerExited,
+    WorkerRefused,
+    wait_healthy,
+)
 from service.settings import Settings
 from service.tower import UserTowerRunner
 
@@ -79,20 +90,18 @@ class Worker:
             command, cwd=ROOT, env={**os.environ, **(env or {})},
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )  # fmt: skip
-        client = TowerWorkerClient(self.sock, timeout_s=5.0)
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"worker exited {self.proc.returncode}: {self.output()}")
-            try:
-                self.health = client.health()
-                break
-            except WorkerError:
-                if time.monotonic() > deadline:
-                    self.stop()
-                    raise RuntimeError(f"worker did not start: {self.output()}") from None
-                time.sleep(0.2)
-        client.close()
+        client = TowerWorkerClient(self.sock, timeout_s=5.0, spin_us=0)
+        try:
+            health = wait_healthy(client, START_TIMEOUT_S, proc=self.proc, interval_s=0.2)
+        except WorkerExited as exc:
+            raise RuntimeError(f"worker exited {exc.returncode}: {self.output()}") from None
+        except WorkerError:
+            self.stop()
+            raise RuntimeError(f"worker did not start: {self.output()}") from None
+        finally:
+            client.close()
+        assert health is not None
+        self.health = health
 
     def output(self) -> str:
         if self.proc.poll() is None or self.proc.stdout is None:
@@ -129,7 +138,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def worker(deployment: Path) -> Iterator[Worker]:
-    proc = Worker(deployment / "artifacts" / "current")
+    proc = Worker(deployment / "artifacts" / "current", "--spin-us", "0")
     yield proc
     proc.stop()
 
@@ -493,3 +502,102 @@ def test_concurrent_requests_run_as_one_batch(deployment: Path) -> None:
     for n, (header, embedding) in answers.items():
         assert header["ok"] and embedding.shape == (feeds[n][0].shape[0], TINY["dim"])
         assert np.abs(embedding - _ort_embedding(runner, *feeds[n])).max() < TOL
+
+
+# --------------------------------------------------------------------------- spinning
+
+
+def _embed_both_ways(sock: Path, item_seq: np.ndarray, time_lag: np.ndarray) -> list[np.ndarray]:
+    """The embeddings of clients that spin (far longer than a request) and that do not."""
+    out = []
+    for spin_us in (0, 60_000_000):
+        client = TowerWorkerClient(sock, timeout_s=30.0, spin_us=spin_us)
+        try:
+            out += [client.embed("tw-a", item_seq, time_lag) for _ in range(3)]
+        finally:
+            client.close()
+    return out
+
+
+def test_spinning_gives_the_same_answers_and_keeps_deadlines(
+    deployment: Path, worker: Worker
+) -> None:
+    """A worker that spins (from the service's env var, as a sidecar reads it) and one that
+    does not (the module's, --spin-us 0), each asked by a client that spins and one that
+    does not: the same embeddings.  A spinning request to a stopped worker (SIGSTOP) still
+    times out; to a worker killed while it spins, the connection loss is seen (not the 60 s
+    timeout)."""
+    runner = UserTowerRunner(deployment / "artifacts" / "tw-a")
+    item_seq, time_lag = _inputs(runner, 4, seed=5)
+    # 2 s: longer than the gaps between this test's requests (they land while it spins),
+    # short enough not to hold a core of the shared box for long after the last one.
+    spinning = Worker(deployment / "artifacts" / "current",
+                      env={"T2DIFF_TOWER_WORKER_SPIN_US": "2000000"})  # fmt: skip
+    try:
+        assert spinning.health["spin_us"] == 2_000_000 and worker.health["spin_us"] == 0
+        answers = _embed_both_ways(spinning.sock, item_seq, time_lag)
+        answers += _embed_both_ways(worker.sock, item_seq, time_lag)
+        for got in answers[1:]:
+            assert np.array_equal(got, answers[0])
+
+        client = TowerWorkerClient(spinning.sock, timeout_s=0.5, spin_us=600_000_000)
+        assert client.embed("tw-a", item_seq, time_lag).shape == (4, TINY["dim"])
+        spinning.proc.send_signal(signal.SIGSTOP)
+        try:
+            with pytest.raises(WorkerError, match="TimeoutError"):
+                client.embed("tw-a", item_seq, time_lag)
+        finally:
+            spinning.proc.send_signal(signal.SIGCONT)
+        client.close()
+        # Serving again (a generous timeout: the resumed worker first answers the stale
+        # request, on a busy box with two processes spinning).
+        client = TowerWorkerClient(spinning.sock, timeout_s=30.0, spin_us=600_000_000)
+        assert np.array_equal(client.embed("tw-a", item_seq, time_lag), answers[0])
+
+        client.timeout_s = 60.0  # the pooled connection, then (its retry) a fresh one
+        spinning.proc.send_signal(signal.SIGSTOP)
+        errors: list[BaseException] = []
+
+        def ask() -> None:
+            try:
+                client.embed("tw-a", item_seq, time_lag)
+            except BaseException as exc:  # noqa: BLE001 - the test reads it
+                errors.append(exc)
+
+        asking = threading.Thread(target=ask)
+        asking.start()
+        time.sleep(0.2)  # the request is sent; the client spins for the answer
+        spinning.kill()  # SIGKILL works on a stopped process
+        asking.join()
+        assert len(errors) == 1 and isinstance(errors[0], WorkerError)
+        assert "TimeoutError" not in str(errors[0])  # the loss was seen, not waited out
+        client.close()
+    finally:
+        spinning.stop()
+
+
+def test_wait_healthy_stops_at_an_exited_process_and_at_stop(tmp_path: Path) -> None:
+    """No worker on the socket: a process that exits ends a long wait (WorkerExited), a
+    stop event ends it with None, and deadline 0 means one try (the last error)."""
+    missing = Path(tempfile.mkdtemp(prefix="t2tw-", dir="/tmp")) / "none.sock"
+    client = TowerWorkerClient(missing, timeout_s=1.0)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import time, sys; time.sleep(0.3); sys.exit(3)"]
+    )
+    with pytest.raises(WorkerExited) as exited:
+        wait_healthy(client, 600.0, proc=proc, interval_s=0.05)
+    assert exited.value.returncode == 3
+    stop = threading.Event()
+    threading.Timer(0.3, stop.set).start()
+    assert wait_healthy(client, 600.0, stop=stop, interval_s=10.0) is None
+    with pytest.raises(WorkerError, match="cannot connect"):
+        wait_healthy(client, 0.0)
+
+
+def test_ping(worker: Worker, capsys: pytest.CaptureFixture[str]) -> None:
+    from model.tower_worker import ping
+
+    assert ping(worker.sock) == 0
+    assert "versions ['tw-a']" in capsys.readouterr().out
+    assert ping(worker.sock.parent / "none.sock") == 1
+    assert "cannot connect" in capsys.readouterr().out
