@@ -78,9 +78,9 @@ _JSON = json.JSONEncoder(separators=(",", ":"))
 READ_BUFFER_BYTES = 256 * 1024
 
 # Busy-polling before a blocking receive (FrameReader spin_us), the default of both sides
-# (the service's TOWER_WORKER_SPIN_US, the worker's --spin-us; Settings says why 2000), on
+# (the service's TOWER_WORKER_SPIN_US, the worker's --spin-us; Settings says why 3000), on
 # a machine where this process may use at least SPIN_MIN_CPUS cores (default_spin_us).
-DEFAULT_SPIN_US = 2000
+DEFAULT_SPIN_US = 3000
 # Why a floor: a poller is a runnable thread that needs a core of its own.  On the shared
 # 2-core box (client, worker and other load) spinning made the no-op round trip's p99 up
 # to 20x worse (0.28 -> 4.9-5.4 ms; docs/operations.md): the process that had work to do
@@ -101,13 +101,35 @@ OP_LOAD = "load"
 OP_EMBED = "embed"
 
 
-def default_spin_us() -> int:
-    """DEFAULT_SPIN_US where this process may use SPIN_MIN_CPUS cores or more, else 0."""
+def usable_cpus() -> float:
+    """Cores this process may use: its CPU affinity, capped by a cgroup CPU quota (a
+    container's CPU limit leaves the affinity at every core of the node, and a poller
+    that eats the quota gets the whole container throttled)."""
     try:
-        cpus = len(os.sched_getaffinity(0))
+        cpus: float = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # no affinity call on this platform
         cpus = os.cpu_count() or 1
-    return DEFAULT_SPIN_US if cpus >= SPIN_MIN_CPUS else 0
+    for quota_file, period_file in (
+        ("/sys/fs/cgroup/cpu.max", None),  # cgroup v2: "QUOTA PERIOD" or "max PERIOD"
+        ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "/sys/fs/cgroup/cpu/cpu.cfs_period_us"),
+    ):
+        try:
+            with open(quota_file) as handle:
+                fields = handle.read().split()
+            if period_file is not None:
+                with open(period_file) as handle:
+                    fields += handle.read().split()
+            if fields[0] not in ("max", "-1") and int(fields[1]) > 0:
+                cpus = min(cpus, int(fields[0]) / int(fields[1]))
+            break
+        except (OSError, ValueError, IndexError):
+            continue
+    return cpus
+
+
+def default_spin_us() -> int:
+    """DEFAULT_SPIN_US where this process may use SPIN_MIN_CPUS cores or more, else 0."""
+    return DEFAULT_SPIN_US if usable_cpus() >= SPIN_MIN_CPUS else 0
 
 
 class FrameError(ValueError):

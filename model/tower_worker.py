@@ -604,7 +604,7 @@ SPIN_ENV = "T2DIFF_TOWER_WORKER_SPIN_US"
 
 
 def _default_spin_us() -> int:
-    """$T2DIFF_TOWER_WORKER_SPIN_US, else ``wire.default_spin_us()`` (2000 µs on a machine
+    """$T2DIFF_TOWER_WORKER_SPIN_US, else ``wire.default_spin_us()`` (3000 µs on a machine
     of 4 cores or more, else 0), as the service resolves its setting."""
     raw = os.environ.get(SPIN_ENV, "").strip()
     try:

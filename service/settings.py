@@ -91,16 +91,21 @@ class Settings(BaseSettings):
     # sidecar reads the same T2DIFF_TOWER_WORKER_SPIN_US), which then polls that long for a
     # connection's next request after each answer.  Why: waking a core that went idle in a
     # blocking recv cost p99 tails of 1.4-2.4 ms on the H100 box (docs/operations.md).
-    # None (the default): 2000 where the process may use >= 4 cores, else 0
-    # (contracts.tower_wire.default_spin_us; not imported here: it pulls numpy).
-    # Why 2000: a B = 1 round trip on the H100 is ~1.7 ms of kernel + ~0.2 ms of overhead,
-    # so the answer usually lands while the client still polls; a longer wait (large
-    # batches) falls back to the blocking recv after 2 ms.  The cost is CPU, bounded: at
+    # None (the default): 3000 where the process may use >= 4 cores (its CPU affinity,
+    # capped by a container's CPU quota), else 0 (contracts.tower_wire.default_spin_us;
+    # not imported here: it pulls numpy).
+    # Why 3000: the window must outlast the round trip, or the slow requests (the tail
+    # this is for) are exactly the ones that fall back to the blocking wait.  A B = 1 round
+    # trip on the H100 is ~1.7 ms of kernel + ~0.2 ms of overhead, and the target is p99
+    # <= 2 ms: 3 ms covers it with a margin (2 ms would sit right at it; on the CPU box a
+    # window shorter than the wait helped less, docs/operations.md).  Longer waits (large
+    # batches) fall back to the blocking recv after 3 ms.  The cost is CPU, bounded: at
     # most ONE thread per process polls at a time (the others block), so a service of
     # WORKERS uvicorn processes burns at most WORKERS cores, and only while tower requests
-    # are in flight (at most 2 ms each); the poll yields the GIL each ~2 µs, so the
-    # process's other threads (the event loop) are not held up.  Why >= 4 cores: a poller
-    # needs a core of its own; on 2 shared cores spinning made the tails far worse.
+    # are in flight (<= 3 ms each; the worker: <= 3 ms after each answer); the poll yields
+    # the GIL each ~2 µs, so the process's other threads (the event loop) are not held
+    # up.  Why >= 4 cores: a poller needs a core of its own; on 2 shared cores spinning
+    # made the tails far worse.
     tower_worker_spin_us: int | None = Field(default=None, ge=0, le=100_000)
 
     # Latency budget.  A recall answers within min(budget, the caller's deadline header):
