@@ -103,8 +103,8 @@ def fused_variants(spec: str) -> list[tuple[str, str, dict[str, Any]]]:
     """``"ieee:1:4,tf32:2:8:uniform"`` -> [(precision, name suffix, FusedTower options), ...].
 
     Fields: precision, samples per program, warps, then optionally the kernel build
-    (``auto``, ``pipelined``, ``uniform``: ``FusedUNetSteps``' ``kernel``).  Three fields
-    keep the default (auto) and the old row names.
+    (``auto``, ``pipelined``, ``uniform``, ``resident``: ``FusedUNetSteps``' ``kernel``) and
+    ``exact_tail`` (``tf32x3tail``).  Three fields keep the default (auto) and the old names.
     """
     out = []
     for item in spec.split(","):
@@ -114,6 +114,9 @@ def fused_variants(spec: str) -> list[tuple[str, str, dict[str, Any]]]:
         if rest:
             options["kernel"] = rest[0]
             suffix += f"_{rest[0]}"
+        if len(rest) > 1:  # tf32x3tail's number of tf32x3 steps at the end
+            options["exact_tail"] = int(rest[1])
+            suffix += f"_tail{rest[1]}"
         out.append((precision, suffix, options))
     return out
 

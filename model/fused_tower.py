@@ -45,11 +45,12 @@ except ImportError:  # CPU-only installs: the module still imports, the kernel i
     tl = None  # type: ignore[assignment]
     HAVE_TRITON = False
 
-PRECISIONS = ("ieee", "tf32x3", "tf32", "tf32s", "bf16")
-# "tf32s": tf32 operands except on the diffusion state's path (the first convolution and
-# residual on z_t, and the output projection that makes z_{t-1}), which run in tf32x3; the
-# state carries the rounding of every step into the next, the U-Net's inside does not.
-_STATE_PRECISION = {"tf32s": ("tf32", "tf32x3")}
+PRECISIONS = ("ieee", "tf32x3", "tf32", "tf32x3tail", "bf16")
+# "tf32x3tail": tf32 operands in every reverse step but the last ``exact_tail``, which run in
+# tf32x3.  The reverse process damps what a step's rounding changes by the steps after it:
+# on ML-1M (w16, CPU emulation of tf32 rounding, 1,024 users) tf32 everywhere moves the user
+# embedding by 3.3e-3, tf32 with the last 5 steps exact by 5.2e-5 (docs/results/inference.md).
+TAIL_PRECISION = "tf32x3"
 KERNELS = ("auto", "pipelined", "uniform", "resident")
 
 
@@ -242,7 +243,6 @@ if HAVE_TRITON:
         PREC: tl.constexpr,
         EPS: tl.constexpr,
         PREFETCH: tl.constexpr,
-        A_PREC: tl.constexpr,
     ):
         """One ``ConvBlock`` on ``cat([a, b])`` (``b`` optional): conv3 -> LN -> SiLU -> conv3
         (+ folded bias and step bias) -> LN -> SiLU, plus the 1x1 residual.  Result [R, COUT]
@@ -264,7 +264,7 @@ if HAVE_TRITON:
         skip = tl.zeros([R, COUT], dtype=tl.float32)
         acc, skip = _conv_part(
             acc, skip, weights, W1, WS, a_src, samp, pos, L, A_L, A_C, 0, CIN, COUT, A_MODE, True,
-            A_KC, A_PREC, PREFETCH,
+            A_KC, PREC, PREFETCH,
         )  # fmt: skip
         if B_C > 0:
             acc, skip = _conv_part(
@@ -336,21 +336,46 @@ if HAVE_TRITON:
         PREC: tl.constexpr,
         EPS: tl.constexpr,
         PREFETCH: tl.constexpr,
-        ZPREC: tl.constexpr,
     ):
         """One U-Net pass at step ``t``: the last hidden layer [R0, W0] (before ``out``)."""
         _block(weights, FIRST, t, s0, p0, zbuf, L0, D, 0, zbuf, L0, 0, cond, skip_x, True,
-               tmp0, h0, True, L0, W0, T, R0, KCD, KCD, KC0, PREC, EPS, PREFETCH,
-               ZPREC)  # fmt: skip
+               tmp0, h0, True, L0, W0, T, R0, KCD, KCD, KC0, PREC, EPS, PREFETCH)  # fmt: skip
         _block(weights, DOWN1, t, s1, p1, h0, L0, W0, 2, h0, L0, 0, cond, skip_x, False,
-               tmp1, d1, True, L1, W1, T, R1, KC0, KC0, KC1, PREC, EPS, PREFETCH, PREC)  # fmt: skip
+               tmp1, d1, True, L1, W1, T, R1, KC0, KC0, KC1, PREC, EPS, PREFETCH)  # fmt: skip
         _block(weights, DOWN2, t, s2, p2, d1, L1, W1, 2, d1, L1, 0, cond, skip_x, False,
-               tmp2, d2, True, L2, W2, T, R2, KC1, KC1, KC2, PREC, EPS, PREFETCH, PREC)  # fmt: skip
+               tmp2, d2, True, L2, W2, T, R2, KC1, KC1, KC2, PREC, EPS, PREFETCH)  # fmt: skip
         _block(weights, UP1, t, s1, p1, d2, L2, W2, 1, d1, L1, W1, cond, skip_x, False,
-               tmp1, u1, True, L1, W1, T, R1, KC2, KC1, KC1, PREC, EPS, PREFETCH, PREC)  # fmt: skip
+               tmp1, u1, True, L1, W1, T, R1, KC2, KC1, KC1, PREC, EPS, PREFETCH)  # fmt: skip
         return _block(weights, UP0, t, s0, p0, u1, L1, W1, 1, h0, L0, W0, cond, skip_x, False,
                       tmp0, h0, False, L0, W0, T, R0, KC1, KC0, KC0, PREC, EPS,
-                      PREFETCH, PREC)  # fmt: skip
+                      PREFETCH)  # fmt: skip
+
+    @triton.jit
+    def _reverse_step(weights, t, z, zbuf, z_offs, step_offs, w_offs, row_ok, cond, skip_x,
+                      extras, ct, out_w, tmp0, tmp1, tmp2, h0, d1, d2, u1,
+                      s0, p0, s1, p1, s2, p2, FIRST: tl.constexpr, DOWN1: tl.constexpr,
+                      DOWN2: tl.constexpr, UP1: tl.constexpr, UP0: tl.constexpr,
+                      L0: tl.constexpr, L1: tl.constexpr, L2: tl.constexpr, W0: tl.constexpr,
+                      W1: tl.constexpr, W2: tl.constexpr, D: tl.constexpr, T: tl.constexpr,
+                      R0: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr,
+                      KCD: tl.constexpr, KC0: tl.constexpr, KC1: tl.constexpr,
+                      KC2: tl.constexpr, PREC: tl.constexpr, EPS: tl.constexpr,
+                      PREFETCH: tl.constexpr):  # fmt: skip
+        """Reverse step ``t``: z_t (registers and ``zbuf``) -> z_{t-1}."""
+        hidden = _unet(weights, t, zbuf, cond, skip_x, tmp0, tmp1, tmp2, h0, d1, d2, u1,
+                       s0, p0, s1, p1, s2, p2, FIRST, DOWN1, DOWN2, UP1, UP0,
+                       L0, L1, L2, W0, W1, W2, D, T, R0, R1, R2, KCD, KC0, KC1, KC2,
+                       PREC, EPS, PREFETCH)  # fmt: skip
+        # z_{t-1} = c0_t (h W_out + b_out) + ct_t z_t + sigma_t noise (c0 folded in out_w);
+        # at t = 0: zhat_0 = h W_out + b_out (ct = 0, extras[0] = b_out, plain W_out)
+        z = (
+            _dot(hidden, tl.load(out_w + t * (W0 * D) + w_offs), PREC)
+            + tl.load(ct + t) * z
+            + tl.load(extras + t * (L0 * D) + step_offs, mask=row_ok[:, None], other=0.0)
+        )
+        tl.store(zbuf + z_offs, z, mask=row_ok[:, None])
+        tl.debug_barrier()
+        return z
 
     @triton.jit
     def _reverse_kernel(
@@ -395,7 +420,8 @@ if HAVE_TRITON:
         PREC: tl.constexpr,
         EPS: tl.constexpr,
         PREFETCH: tl.constexpr,
-        ZPREC: tl.constexpr,
+        TAIL: tl.constexpr,
+        TAIL_PREC: tl.constexpr,
     ):
         """Program ``pid`` runs the T reverse steps of samples ``pid*SPP .. pid*SPP+SPP``."""
         pid = tl.program_id(0)
@@ -419,21 +445,23 @@ if HAVE_TRITON:
         tl.store(zbuf + z_offs, z, mask=row_ok[:, None])
         tl.debug_barrier()
         w_offs = tl.arange(0, W0)[:, None] * D + dd[None, :]
-        for i in range(0, T):
-            t = T - 1 - i
-            hidden = _unet(weights, t, zbuf, cond, skip_x, tmp0, tmp1, tmp2, h0, d1, d2, u1,
-                           s0, p0, s1, p1, s2, p2, FIRST, DOWN1, DOWN2, UP1, UP0,
-                           L0, L1, L2, W0, W1, W2, D, T, R0, R1, R2, KCD, KC0, KC1, KC2,
-                           PREC, EPS, PREFETCH, ZPREC)  # fmt: skip
-            # z_{t-1} = c0_t (h W_out + b_out) + ct_t z_t + sigma_t noise (c0 folded in out_w);
-            # at t = 0: zhat_0 = h W_out + b_out (ct = 0, extras[0] = b_out, plain W_out)
-            z = (
-                _dot(hidden, tl.load(out_w + t * (W0 * D) + w_offs), ZPREC)
-                + tl.load(ct + t) * z
-                + tl.load(extras + t * (L0 * D) + step_offs, mask=row_ok[:, None], other=0.0)
-            )
-            tl.store(zbuf + z_offs, z, mask=row_ok[:, None])
-            tl.debug_barrier()
+        # Steps t = T-1 .. TAIL in PREC, the last TAIL steps (t < TAIL) in TAIL_PREC: the
+        # reverse process damps a step's rounding by the steps after it, so tf32 in all but
+        # the last few steps moves the answer ~60x less than tf32 everywhere.
+        for i in range(0, T - TAIL):
+            z = _reverse_step(weights, T - 1 - i, z, zbuf, z_offs, step_offs, w_offs, row_ok,
+                              cond, skip_x, extras, ct, out_w, tmp0, tmp1, tmp2, h0, d1, d2, u1,
+                              s0, p0, s1, p1, s2, p2, FIRST, DOWN1, DOWN2, UP1, UP0,
+                              L0, L1, L2, W0, W1, W2, D, T, R0, R1, R2, KCD, KC0, KC1, KC2,
+                              PREC, EPS, PREFETCH)  # fmt: skip
+        if TAIL > 0:
+            for i in range(T - TAIL, T):
+                z = _reverse_step(weights, T - 1 - i, z, zbuf, z_offs, step_offs, w_offs,
+                                  row_ok, cond, skip_x, extras, ct, out_w, tmp0, tmp1, tmp2,
+                                  h0, d1, d2, u1, s0, p0, s1, p1, s2, p2,
+                                  FIRST, DOWN1, DOWN2, UP1, UP0, L0, L1, L2, W0, W1, W2, D, T,
+                                  R0, R1, R2, KCD, KC0, KC1, KC2, TAIL_PREC, EPS,
+                                  PREFETCH)  # fmt: skip
         last = (p0 == L0 - 1) & (s0 < n_samples)
         tl.store(result + s0[:, None] * D + dd[None, :], z, mask=last[:, None])
 
@@ -504,8 +532,7 @@ if HAVE_TRITON:
     def _resident_block(weights, BASE: tl.constexpr, t, p, a, A_C: tl.constexpr, b,
                         B_C: tl.constexpr, extra_pre, extra_skip, HAS_EXTRA: tl.constexpr,
                         L: tl.constexpr, R: tl.constexpr, COUT: tl.constexpr,
-                        T: tl.constexpr, PREC: tl.constexpr, EPS: tl.constexpr,
-                        A_PREC: tl.constexpr):  # fmt: skip
+                        T: tl.constexpr, PREC: tl.constexpr, EPS: tl.constexpr):  # fmt: skip
         """``_block`` on register tensors: a [R, A_C] (and b [R, B_C]) at this level."""
         CIN: tl.constexpr = A_C + B_C
         W1: tl.constexpr = BASE
@@ -523,7 +550,7 @@ if HAVE_TRITON:
         acc = tl.zeros([R, COUT], dtype=tl.float32)
         skip = tl.zeros([R, COUT], dtype=tl.float32)
         acc, skip = _resident_part(acc, skip, weights, W1, WS, a, p, L, R, A_C, 0, CIN, COUT,
-                                   True, A_PREC)  # fmt: skip
+                                   True, PREC)  # fmt: skip
         if B_C > 0:
             acc, skip = _resident_part(acc, skip, weights, W1, WS, b, p, L, R, B_C, A_C, CIN,
                                        COUT, True, PREC)  # fmt: skip
@@ -547,8 +574,7 @@ if HAVE_TRITON:
                          L1: tl.constexpr, L2: tl.constexpr, BL0: tl.constexpr,
                          BL1: tl.constexpr, BL2: tl.constexpr, W0: tl.constexpr,
                          W1: tl.constexpr, W2: tl.constexpr, D: tl.constexpr, T: tl.constexpr,
-                         SPP: tl.constexpr, PREC: tl.constexpr, EPS: tl.constexpr,
-                         ZPREC: tl.constexpr):  # fmt: skip
+                         SPP: tl.constexpr, PREC: tl.constexpr, EPS: tl.constexpr):  # fmt: skip
         """``_reverse_kernel`` with every activation in registers / shared memory."""
         pid = tl.program_id(0)
         R0: tl.constexpr = SPP * BL0
@@ -572,25 +598,23 @@ if HAVE_TRITON:
         for i in range(0, T):
             t = T - 1 - i
             h0 = _resident_block(weights, FIRST, t, p0, z, D, z, 0, cond_tile, skip_tile, True,
-                                 L0, R0, W0, T, PREC, EPS, ZPREC)  # fmt: skip
+                                 L0, R0, W0, T, PREC, EPS)  # fmt: skip
             d1 = _resident_block(weights, DOWN1, t, p1,
                                  _pool_rows(h0, BL0, L0, BL1, L1, R1, W0), W0, h0, 0,
-                                 cond_tile, skip_tile, False, L1, R1, W1, T, PREC, EPS,
-                                 PREC)  # fmt: skip
+                                 cond_tile, skip_tile, False, L1, R1, W1, T, PREC, EPS)  # fmt: skip
             d2 = _resident_block(weights, DOWN2, t, p2,
                                  _pool_rows(d1, BL1, L1, BL2, L2, R2, W1), W1, d1, 0,
-                                 cond_tile, skip_tile, False, L2, R2, W2, T, PREC, EPS,
-                                 PREC)  # fmt: skip
+                                 cond_tile, skip_tile, False, L2, R2, W2, T, PREC, EPS)  # fmt: skip
             u1 = _resident_block(weights, UP1, t, p1, _upsample_rows(d2, BL2, BL1, L1, R1, W2),
                                  W2, d1, W1, cond_tile, skip_tile, False, L1, R1, W1, T, PREC,
-                                 EPS, PREC)  # fmt: skip
+                                 EPS)  # fmt: skip
             hidden = _resident_block(weights, UP0, t, p0,
                                      _upsample_rows(u1, BL1, BL0, L0, R0, W1), W1, h0, W0,
                                      cond_tile, skip_tile, False, L0, R0, W0, T, PREC,
-                                     EPS, PREC)  # fmt: skip
+                                     EPS)  # fmt: skip
             # As in _reverse_kernel: c0 folded in out_w; at t = 0 plain W_out and b_out.
             z = (
-                _dot(hidden, tl.load(out_w + t * (W0 * D) + w_offs), ZPREC)
+                _dot(hidden, tl.load(out_w + t * (W0 * D) + w_offs), PREC)
                 + tl.load(ct + t) * z
                 + tl.load(extras + t * (L0 * D) + step_offs, mask=row_ok, other=0.0)
             )
@@ -613,6 +637,7 @@ class FusedUNetSteps(nn.Module):
         num_warps: int = 4,
         k_chunk: int = 64,
         kernel: str = "auto",
+        exact_tail: int = 5,
     ) -> None:
         super().__init__()
         if not HAVE_TRITON:
@@ -629,6 +654,15 @@ class FusedUNetSteps(nn.Module):
             if channels < 16 or channels & (channels - 1):
                 raise ValueError(f"channel counts must be powers of two >= 16, got {channels}")
         self.precision, self.spp, self.num_warps = precision, samples_per_program, num_warps
+        # What the kernel gets: PREC for steps t >= TAIL, TAIL_PREC for the last TAIL steps.
+        if precision == "tf32x3tail":
+            if exact_tail < 1:
+                raise ValueError(f"exact_tail must be >= 1 with tf32x3tail, got {exact_tail}")
+            if kernel == "resident":
+                raise ValueError("the resident build has no tf32x3 tail (shared memory)")
+            self.step_precisions = ("tf32", min(exact_tail, fast.steps), TAIL_PRECISION)
+        else:
+            self.step_precisions = (precision, 0, precision)
         # Two builds of the kernel (docs/results/inference.md, "Kernel variants"):
         # "pipelined": each part's products take min(k_chunk, C) channels (fewer, larger
         #   products, each one dependent L2 round trip) and the next product's loads are
@@ -641,6 +675,10 @@ class FusedUNetSteps(nn.Module):
         # otherwise: with tf32x3 (three products, hi/lo operand halves) the larger tiles
         # gave 2 % at w16 and cost 10 % at w32 (5.04 -> 5.57 ms); with more than 4 warps
         # "pipelined" hit an illegal memory access on the H100 (G1), not understood yet.
+        # "resident" (opt-in): activations in registers / shared memory, no scratch; H100
+        # runs R1, R3: tf32 w16 B = 1 4-6 % faster than "pipelined", B = 256 2x slower, and
+        # Triton keeps a step's weights in shared memory, so tf32x3 (hi/lo halves) and
+        # width 32 need more than the 227 KB an H100 SM has: it never serves by default.
         if kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS}, not {kernel!r}")
         if k_chunk < 16 or k_chunk & (k_chunk - 1):
@@ -704,7 +742,7 @@ class FusedUNetSteps(nn.Module):
         """The build that runs ``programs`` CTAs on ``device`` (see ``__init__``)."""
         if self.kernel != "auto":
             return self.kernel
-        if self.precision not in ("tf32", "tf32s") or self.num_warps > 4:
+        if self.precision not in ("tf32", "tf32x3tail") or self.num_warps > 4:
             return "uniform"
         if device.type == "cuda":
             sms = torch.cuda.get_device_properties(device).multi_processor_count
@@ -731,15 +769,12 @@ class FusedUNetSteps(nn.Module):
         result = x.new_empty(batch, self.dim)
         first, down1, down2, up1, up0 = self.offsets
         kernel = self.kernel_for(padded // self.spp, x.device)
-        kernel_precision, state_precision = _STATE_PRECISION.get(
-            self.precision, (self.precision, self.precision)
-        )
         shapes = dict(
             FIRST=first, DOWN1=down1, DOWN2=down2, UP1=up1, UP0=up0,
             L0=l0, L1=l1, L2=l2,
             BL0=_rows_block(l0), BL1=_rows_block(l1), BL2=_rows_block(l2),
             W0=w0, W1=w1, W2=w2, D=self.dim, T=steps, SPP=self.spp,
-            PREC=kernel_precision, ZPREC=state_precision, EPS=self.eps,
+            PREC=self.step_precisions[0], EPS=self.eps,
         )  # fmt: skip
         if kernel == "resident":
             _resident_kernel[(padded // self.spp,)](
@@ -767,6 +802,7 @@ class FusedUNetSteps(nn.Module):
             zbuf, tmp0, tmp1, tmp2, h0, d1, d2, u1, batch, **shapes,
             KCD=chunks[self.dim], KC0=chunks[w0], KC1=chunks[w1], KC2=chunks[w2],
             PREFETCH=kernel == "pipelined",
+            TAIL=self.step_precisions[1], TAIL_PREC=self.step_precisions[2],
             num_warps=self.num_warps, num_stages=1,
         )  # fmt: skip
         return result + x[:, l0 - 1] if self.drift else result

@@ -62,7 +62,9 @@ log = logging.getLogger("t2diff.tower_worker")
 PATHS = ("auto", "fused", "fast", "eager")
 # Precisions whose answer matches eager within PARITY_TOL (fp32 arithmetic); the others are
 # judged by recall (docs/results/inference.md) and only warned about.
-PARITY_PRECISIONS = ("ieee", "tf32x3")
+# "tf32x3tail" (tf32 steps, the last few in tf32x3) is meant to keep parity too: one that
+# misses refuses to load like tf32x3 would.
+PARITY_PRECISIONS = ("ieee", "tf32x3", "tf32x3tail")
 PARITY_TOL = 1e-4
 MAX_ROWS = 4096  # one request; the service's MAX_BATCH is at most 4096 too
 
@@ -622,7 +624,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="auto", help="auto (cuda if present), cuda, cpu")
     parser.add_argument("--path", default="auto", choices=PATHS)
     parser.add_argument("--precision", default="tf32x3",
-                        help="fused kernel: tf32x3 (default, parity) | ieee | tf32 | bf16")  # fmt: skip
+                        help="fused kernel: tf32x3 (default, parity) | tf32x3tail (parity, "
+                             "tf32 but the last 5 steps) | ieee | tf32 | bf16")  # fmt: skip
     parser.add_argument("--num-warps", type=int, default=4)
     parser.add_argument("--max-bucket", type=int, default=256,
                         help="largest CUDA graph batch; larger requests are split")  # fmt: skip
