@@ -54,6 +54,12 @@ TAIL_PRECISION = "tf32x3"
 KERNELS = ("auto", "pipelined", "uniform", "resident")
 
 
+def _round_tf32_host(values: torch.Tensor) -> torch.Tensor:
+    """float32 -> the nearest tf32 (ties away from zero), as the kernel's ``_round_tf32``."""
+    bits = values.contiguous().view(torch.int32)
+    return ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
+
+
 def _rows_block(length: int) -> int:
     """Rows of one sample in a tile: a power of two >= 16 (tl.dot's smallest M)."""
     return max(16, 1 << (length - 1).bit_length())
@@ -117,6 +123,22 @@ if HAVE_TRITON:
             )
             tile = (first + second) * tl.where(has_second, 0.5, 1.0)[:, None]
         return tile
+
+    @triton.jit
+    def _round_tf32(x):
+        """float32 -> the nearest tf32 (ties away from zero), kept in float32 storage."""
+        bits = x.to(tl.int32, bitcast=True)
+        return ((bits + 0x1000) & -8192).to(tl.float32, bitcast=True)  # -8192 = ~0x1FFF
+
+    @triton.jit
+    def _operand(x, PREC: tl.constexpr):
+        """An activation as the products of ``PREC`` will read it.  The tensor cores truncate
+        float32 operands to tf32 (a biased error); rounding each activation once where it
+        is made (and the weights on the host, ``FusedUNetSteps``) halves the error of tf32
+        steps and removes the bias, at the cost of one rounding per stored value."""
+        if PREC == "tf32":
+            x = _round_tf32(x)
+        return x
 
     @triton.jit
     def _dot(a, b, PREC: tl.constexpr):
@@ -278,7 +300,7 @@ if HAVE_TRITON:
             pre += tl.load(extra_pre + act_offs, mask=row_ok[:, None], other=0.0)
             skip += tl.load(extra_skip + act_offs, mask=row_ok[:, None], other=0.0)
         hidden = _ln_silu(pre, weights, G1, BE1, COUT, EPS)
-        tl.store(tmp + act_offs, hidden, mask=row_ok[:, None])
+        tl.store(tmp + act_offs, _operand(hidden, PREC), mask=row_ok[:, None])
         tl.debug_barrier()  # conv2 reads neighbouring rows written by other threads
         acc2 = tl.zeros([R, COUT], dtype=tl.float32)
         acc2, skip = _conv_part(
@@ -287,7 +309,7 @@ if HAVE_TRITON:
         )  # fmt: skip
         acc2 += tl.load(weights + C2 + t * (L * COUT) + pos[:, None] * COUT + oc[None, :],
                         mask=row_ok[:, None], other=0.0)  # fmt: skip
-        result = _ln_silu(acc2, weights, G2, BE2, COUT, EPS) + skip
+        result = _operand(_ln_silu(acc2, weights, G2, BE2, COUT, EPS) + skip, PREC)
         if STORE:
             tl.store(out + act_offs, result, mask=row_ok[:, None])
         tl.debug_barrier()  # the next block reads ``out``; ``tmp`` is reused
@@ -386,6 +408,8 @@ if HAVE_TRITON:
         extras,
         ct,
         out_w,
+        tail_weights,
+        tail_out_w,
         result,
         zbuf,
         tmp0,
@@ -456,8 +480,8 @@ if HAVE_TRITON:
                               PREC, EPS, PREFETCH)  # fmt: skip
         if TAIL > 0:
             for i in range(T - TAIL, T):
-                z = _reverse_step(weights, T - 1 - i, z, zbuf, z_offs, step_offs, w_offs,
-                                  row_ok, cond, skip_x, extras, ct, out_w, tmp0, tmp1, tmp2,
+                z = _reverse_step(tail_weights, T - 1 - i, z, zbuf, z_offs, step_offs, w_offs,
+                                  row_ok, cond, skip_x, extras, ct, tail_out_w, tmp0, tmp1, tmp2,
                                   h0, d1, d2, u1, s0, p0, s1, p1, s2, p2,
                                   FIRST, DOWN1, DOWN2, UP1, UP0, L0, L1, L2, W0, W1, W2, D, T,
                                   R0, R1, R2, KCD, KC0, KC1, KC2, TAIL_PREC, EPS,
@@ -559,13 +583,14 @@ if HAVE_TRITON:
         if HAS_EXTRA:
             pre += extra_pre
             skip += extra_skip
-        hidden = tl.where(row_ok, _ln_silu(pre, weights, G1, BE1, COUT, EPS), 0.0)
+        hidden = _operand(tl.where(row_ok, _ln_silu(pre, weights, G1, BE1, COUT, EPS), 0.0), PREC)
         acc2 = tl.zeros([R, COUT], dtype=tl.float32)
         acc2, skip = _resident_part(acc2, skip, weights, W2, WS, hidden, p, L, R, COUT, 0,
                                     COUT, COUT, False, PREC)  # fmt: skip
         acc2 += tl.load(weights + C2 + t * (L * COUT) + p[:, None] * COUT + oc[None, :],
                         mask=row_ok, other=0.0)  # fmt: skip
-        return tl.where(row_ok, _ln_silu(acc2, weights, G2, BE2, COUT, EPS) + skip, 0.0)
+        return _operand(tl.where(row_ok, _ln_silu(acc2, weights, G2, BE2, COUT, EPS) + skip, 0.0),
+                        PREC)  # fmt: skip
 
     @triton.jit
     def _resident_kernel(weights, cond, skip_x, noise0, extras, ct, out_w, result, n_samples,
@@ -711,6 +736,9 @@ class FusedUNetSteps(nn.Module):
             self.im_z = fast.im_z
             weights, offsets = self._pack(fast)
             self.register_buffer("weights", weights)
+            # The tf32 steps read weights rounded to nearest tf32 (see the kernel's _operand).
+            self.register_buffer("weights_tf32", _round_tf32_host(weights))
+            self.register_buffer("out_w_tf32", _round_tf32_host(self.out_w))
         self.offsets = offsets
         self.eps = float(fast.first.eps[0])
 
@@ -776,10 +804,14 @@ class FusedUNetSteps(nn.Module):
             W0=w0, W1=w1, W2=w2, D=self.dim, T=steps, SPP=self.spp,
             PREC=self.step_precisions[0], EPS=self.eps,
         )  # fmt: skip
+        if self.step_precisions[0] == "tf32":
+            weights, out_w = self.weights_tf32, self.out_w_tf32
+        else:
+            weights, out_w = self.weights, self.out_w
         if kernel == "resident":
             _resident_kernel[(padded // self.spp,)](
-                self.weights, cond.contiguous(), skip_x.contiguous(), noise[0].contiguous(),
-                extras, self.ct, self.out_w, result, batch, **shapes,
+                weights, cond.contiguous(), skip_x.contiguous(), noise[0].contiguous(),
+                extras, self.ct, out_w, result, batch, **shapes,
                 num_warps=self.num_warps, num_stages=1,
             )  # fmt: skip
             return result + x[:, l0 - 1] if self.drift else result
@@ -797,8 +829,8 @@ class FusedUNetSteps(nn.Module):
         )
         chunks = self.chunks[kernel]
         _reverse_kernel[(padded // self.spp,)](
-            self.weights, cond.contiguous(), skip_x.contiguous(), noise[0].contiguous(), extras,
-            self.ct, self.out_w, result,
+            weights, cond.contiguous(), skip_x.contiguous(), noise[0].contiguous(), extras,
+            self.ct, out_w, self.weights, self.out_w, result,
             zbuf, tmp0, tmp1, tmp2, h0, d1, d2, u1, batch, **shapes,
             KCD=chunks[self.dim], KC0=chunks[w0], KC1=chunks[w1], KC2=chunks[w2],
             PREFETCH=kernel == "pipelined",
