@@ -192,7 +192,8 @@ def test_fused_worker_under_the_triton_interpreter(deployment: Path) -> None:
     artifacts = deployment / "artifacts" / "tw-b"
     fused = Worker(artifacts, "--path", "fused", env={"TRITON_INTERPRET": "1"})
     try:
-        assert fused.health["path"] == "fused" and fused.health["precision"] == "tf32x3"
+        # The default, tf32x3tail, with TINY's 3 steps all in its exact tail.
+        assert fused.health["path"] == "fused" and fused.health["precision"] == "tf32x3tail"
         # The worker checked itself against eager at load (refuses > 1e-4 at this precision).
         assert fused.health["parity_max_abs_diff"] < TOL
         ort_runner = UserTowerRunner(artifacts)
@@ -202,6 +203,22 @@ def test_fused_worker_under_the_triton_interpreter(deployment: Path) -> None:
             got = client.embed("tw-b", item_seq, time_lag)
             assert np.abs(got - _ort_embedding(ort_runner, item_seq, time_lag)).max() < TOL
         client.close()
+    finally:
+        fused.stop()
+
+
+def test_tf32_steps_that_miss_parity_fall_back_to_tf32x3(deployment: Path) -> None:
+    # One exact step of three: the two tf32 steps' rounding (nearest tf32 under the
+    # interpreter too) moves TINY's random-weight tower by ~5e-5, over a limit of 1e-5; the
+    # interpreter's tf32x3 multiplies in float32 (~1e-7), so the worker serves tf32x3 and
+    # says so in its health answer.
+    pytest.importorskip("triton", reason="triton is not installed (the dev extra brings it)")
+    artifacts = deployment / "artifacts" / "tw-b"
+    fused = Worker(artifacts, "--path", "fused", "--exact-tail", "1", "--parity-tol", "1e-5",
+                   env={"TRITON_INTERPRET": "1"})  # fmt: skip
+    try:
+        assert fused.health["precision"] == "tf32x3"
+        assert fused.health["parity_max_abs_diff"] < 1e-5
     finally:
         fused.stop()
 
