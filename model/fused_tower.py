@@ -51,7 +51,7 @@ PRECISIONS = ("ieee", "tf32x3", "tf32", "tf32x3tail", "bf16")
 # on ML-1M (w16, CPU emulation of tf32 rounding, 1,024 users) tf32 everywhere moves the user
 # embedding by 3.3e-3, tf32 with the last 5 steps exact by 5.2e-5 (docs/results/inference.md).
 TAIL_PRECISION = "tf32x3"
-KERNELS = ("auto", "pipelined", "uniform", "resident")
+KERNELS = ("auto", "pipelined", "uniform")
 
 
 def _round_tf32_host(values: torch.Tensor) -> torch.Tensor:
@@ -489,163 +489,6 @@ if HAVE_TRITON:
         last = (p0 == L0 - 1) & (s0 < n_samples)
         tl.store(result + s0[:, None] * D + dd[None, :], z, mask=last[:, None])
 
-    # ---- The "resident" build: a step's activations never leave the CTA. ----
-    # Every level's activations are register tensors [R, C] (rows r = sample * BL + position,
-    # rows at positions >= L kept at zero); the conv taps, pooling and upsampling are
-    # ``tl.gather``s of rows (exact: they move values, no arithmetic), which Triton lowers
-    # to shared memory, so a step has no global scratch round trip and no explicit barrier.
-
-    @triton.jit
-    def _shift_rows(x, p, SHIFT: tl.constexpr, L: tl.constexpr, R: tl.constexpr,
-                    C: tl.constexpr):  # fmt: skip
-        """Row ``p + SHIFT`` of each row's sample (zero outside ``0 .. L-1``)."""
-        if SHIFT == 0:
-            out = x
-        else:
-            q = p + SHIFT
-            ok = (q >= 0) & (q < L)
-            rows = tl.arange(0, R)
-            index = tl.where(ok, rows + SHIFT, rows)  # same sample whenever ok
-            out = tl.gather(x, tl.broadcast_to(index[:, None], (R, C)), 0)
-            out = tl.where(ok[:, None], out, 0.0)
-        return out
-
-    @triton.jit
-    def _pool_rows(x, SRC_BL: tl.constexpr, SRC_L: tl.constexpr, BL: tl.constexpr,
-                   L: tl.constexpr, R: tl.constexpr, C: tl.constexpr):  # fmt: skip
-        """Average pooling by 2, ceil mode (a last window of one row divides by 1)."""
-        rows = tl.arange(0, R)
-        p = rows % BL
-        valid = p < L
-        has_second = valid & (2 * p + 1 < SRC_L)
-        first_row = tl.where(valid, (rows // BL) * SRC_BL + 2 * p, 0)
-        second_row = tl.where(has_second, first_row + 1, 0)
-        first = tl.gather(x, tl.broadcast_to(first_row[:, None], (R, C)), 0)
-        second = tl.gather(x, tl.broadcast_to(second_row[:, None], (R, C)), 0)
-        pooled = tl.where(has_second[:, None], (first + second) * 0.5, first)
-        return tl.where(valid[:, None], pooled, 0.0)
-
-    @triton.jit
-    def _upsample_rows(x, SRC_BL: tl.constexpr, BL: tl.constexpr, L: tl.constexpr,
-                       R: tl.constexpr, C: tl.constexpr):  # fmt: skip
-        """Nearest upsampling by 2 (row p reads row p // 2), cropped to ``L``."""
-        rows = tl.arange(0, R)
-        p = rows % BL
-        valid = p < L
-        source = tl.where(valid, (rows // BL) * SRC_BL + p // 2, 0)
-        out = tl.gather(x, tl.broadcast_to(source[:, None], (R, C)), 0)
-        return tl.where(valid[:, None], out, 0.0)
-
-    @triton.jit
-    def _resident_part(acc, skip, weights, w1_off, ws_off, x, p, L: tl.constexpr,
-                       R: tl.constexpr, C: tl.constexpr, ROW0: tl.constexpr,
-                       CIN: tl.constexpr, COUT: tl.constexpr, WITH_SKIP: tl.constexpr,
-                       PREC: tl.constexpr):  # fmt: skip
-        """acc += conv3(x) over the part's weight rows ``ROW0 ..``; skip += x @ ws."""
-        oc = tl.arange(0, COUT)
-        krow = ROW0 + tl.arange(0, C)
-        for tap in tl.static_range(3):
-            tile = _shift_rows(x, p, tap - 1, L, R, C)
-            weight = tl.load(weights + w1_off + (tap * CIN + krow)[:, None] * COUT + oc[None, :])
-            acc += _dot(tile, weight, PREC)
-        if WITH_SKIP:
-            skip += _dot(x, tl.load(weights + ws_off + krow[:, None] * COUT + oc[None, :]), PREC)
-        return acc, skip
-
-    @triton.jit
-    def _resident_block(weights, BASE: tl.constexpr, t, p, a, A_C: tl.constexpr, b,
-                        B_C: tl.constexpr, extra_pre, extra_skip, HAS_EXTRA: tl.constexpr,
-                        L: tl.constexpr, R: tl.constexpr, COUT: tl.constexpr,
-                        T: tl.constexpr, PREC: tl.constexpr, EPS: tl.constexpr):  # fmt: skip
-        """``_block`` on register tensors: a [R, A_C] (and b [R, B_C]) at this level."""
-        CIN: tl.constexpr = A_C + B_C
-        W1: tl.constexpr = BASE
-        B1: tl.constexpr = W1 + 3 * CIN * COUT
-        W2: tl.constexpr = B1 + COUT
-        C2: tl.constexpr = W2 + 3 * COUT * COUT
-        WS: tl.constexpr = C2 + T * L * COUT
-        BS: tl.constexpr = WS + CIN * COUT
-        G1: tl.constexpr = BS + COUT
-        BE1: tl.constexpr = G1 + COUT
-        G2: tl.constexpr = BE1 + COUT
-        BE2: tl.constexpr = G2 + COUT
-        oc = tl.arange(0, COUT)
-        row_ok = (p < L)[:, None]
-        acc = tl.zeros([R, COUT], dtype=tl.float32)
-        skip = tl.zeros([R, COUT], dtype=tl.float32)
-        acc, skip = _resident_part(acc, skip, weights, W1, WS, a, p, L, R, A_C, 0, CIN, COUT,
-                                   True, PREC)  # fmt: skip
-        if B_C > 0:
-            acc, skip = _resident_part(acc, skip, weights, W1, WS, b, p, L, R, B_C, A_C, CIN,
-                                       COUT, True, PREC)  # fmt: skip
-        pre = acc + tl.load(weights + B1 + oc)[None, :]
-        skip = skip + tl.load(weights + BS + oc)[None, :]
-        if HAS_EXTRA:
-            pre += extra_pre
-            skip += extra_skip
-        hidden = _operand(tl.where(row_ok, _ln_silu(pre, weights, G1, BE1, COUT, EPS), 0.0), PREC)
-        acc2 = tl.zeros([R, COUT], dtype=tl.float32)
-        acc2, skip = _resident_part(acc2, skip, weights, W2, WS, hidden, p, L, R, COUT, 0,
-                                    COUT, COUT, False, PREC)  # fmt: skip
-        acc2 += tl.load(weights + C2 + t * (L * COUT) + p[:, None] * COUT + oc[None, :],
-                        mask=row_ok, other=0.0)  # fmt: skip
-        return _operand(tl.where(row_ok, _ln_silu(acc2, weights, G2, BE2, COUT, EPS) + skip, 0.0),
-                        PREC)  # fmt: skip
-
-    @triton.jit
-    def _resident_kernel(weights, cond, skip_x, noise0, extras, ct, out_w, result, n_samples,
-                         FIRST: tl.constexpr, DOWN1: tl.constexpr, DOWN2: tl.constexpr,
-                         UP1: tl.constexpr, UP0: tl.constexpr, L0: tl.constexpr,
-                         L1: tl.constexpr, L2: tl.constexpr, BL0: tl.constexpr,
-                         BL1: tl.constexpr, BL2: tl.constexpr, W0: tl.constexpr,
-                         W1: tl.constexpr, W2: tl.constexpr, D: tl.constexpr, T: tl.constexpr,
-                         SPP: tl.constexpr, PREC: tl.constexpr, EPS: tl.constexpr):  # fmt: skip
-        """``_reverse_kernel`` with every activation in registers / shared memory."""
-        pid = tl.program_id(0)
-        R0: tl.constexpr = SPP * BL0
-        R1: tl.constexpr = SPP * BL1
-        R2: tl.constexpr = SPP * BL2
-        r0 = tl.arange(0, R0)
-        s0 = pid * SPP + r0 // BL0
-        p0 = r0 % BL0
-        p1 = tl.arange(0, R1) % BL1
-        p2 = tl.arange(0, R2) % BL2
-        dd = tl.arange(0, D)
-        c0 = tl.arange(0, W0)
-        row_ok = (p0 < L0)[:, None]
-        step_offs = p0[:, None] * D + dd[None, :]
-        # The history's shares of the first block: the same at every step, loaded once.
-        hist_offs = s0[:, None] * (L0 * W0) + p0[:, None] * W0 + c0[None, :]
-        cond_tile = tl.load(cond + hist_offs, mask=row_ok, other=0.0)
-        skip_tile = tl.load(skip_x + hist_offs, mask=row_ok, other=0.0)
-        z = tl.load(noise0 + step_offs, mask=row_ok, other=0.0)
-        w_offs = c0[:, None] * D + dd[None, :]
-        for i in range(0, T):
-            t = T - 1 - i
-            h0 = _resident_block(weights, FIRST, t, p0, z, D, z, 0, cond_tile, skip_tile, True,
-                                 L0, R0, W0, T, PREC, EPS)  # fmt: skip
-            d1 = _resident_block(weights, DOWN1, t, p1,
-                                 _pool_rows(h0, BL0, L0, BL1, L1, R1, W0), W0, h0, 0,
-                                 cond_tile, skip_tile, False, L1, R1, W1, T, PREC, EPS)  # fmt: skip
-            d2 = _resident_block(weights, DOWN2, t, p2,
-                                 _pool_rows(d1, BL1, L1, BL2, L2, R2, W1), W1, d1, 0,
-                                 cond_tile, skip_tile, False, L2, R2, W2, T, PREC, EPS)  # fmt: skip
-            u1 = _resident_block(weights, UP1, t, p1, _upsample_rows(d2, BL2, BL1, L1, R1, W2),
-                                 W2, d1, W1, cond_tile, skip_tile, False, L1, R1, W1, T, PREC,
-                                 EPS)  # fmt: skip
-            hidden = _resident_block(weights, UP0, t, p0,
-                                     _upsample_rows(u1, BL1, BL0, L0, R0, W1), W1, h0, W0,
-                                     cond_tile, skip_tile, False, L0, R0, W0, T, PREC,
-                                     EPS)  # fmt: skip
-            # As in _reverse_kernel: c0 folded in out_w; at t = 0 plain W_out and b_out.
-            z = (
-                _dot(hidden, tl.load(out_w + t * (W0 * D) + w_offs), PREC)
-                + tl.load(ct + t) * z
-                + tl.load(extras + t * (L0 * D) + step_offs, mask=row_ok, other=0.0)
-            )
-        last = (p0 == L0 - 1) & (s0 < n_samples)
-        tl.store(result + s0[:, None] * D + dd[None, :], z, mask=last[:, None])
-
 
 class FusedUNetSteps(nn.Module):
     """``forward(x [B, L, d], noise [T, L, d]) -> xhat_{n+1} [B, d]`` through one kernel.
@@ -683,8 +526,6 @@ class FusedUNetSteps(nn.Module):
         if precision == "tf32x3tail":
             if exact_tail < 1:
                 raise ValueError(f"exact_tail must be >= 1 with tf32x3tail, got {exact_tail}")
-            if kernel == "resident":
-                raise ValueError("the resident build has no tf32x3 tail (shared memory)")
             self.step_precisions = ("tf32", min(exact_tail, fast.steps), TAIL_PRECISION)
         else:
             self.step_precisions = (precision, 0, precision)
@@ -700,10 +541,9 @@ class FusedUNetSteps(nn.Module):
         # otherwise: with tf32x3 (three products, hi/lo operand halves) the larger tiles
         # gave 2 % at w16 and cost 10 % at w32 (5.04 -> 5.57 ms); with more than 4 warps
         # "pipelined" hit an illegal memory access on the H100 (G1), not understood yet.
-        # "resident" (opt-in): activations in registers / shared memory, no scratch; H100
-        # runs R1, R3: tf32 w16 B = 1 4-6 % faster than "pipelined", B = 256 2x slower, and
-        # Triton keeps a step's weights in shared memory, so tf32x3 (hi/lo halves) and
-        # width 32 need more than the 227 KB an H100 SM has: it never serves by default.
+        # (A third build with every activation in registers / shared memory, commit 0688043,
+        # was 4-6 % faster for tf32 at B = 1 only and cannot hold tf32x3's weights in shared
+        # memory: removed, docs/results/inference.md "The tf32x3 tail".)
         if kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS}, not {kernel!r}")
         if k_chunk < 16 or k_chunk & (k_chunk - 1):
@@ -713,7 +553,6 @@ class FusedUNetSteps(nn.Module):
         self.chunks = {
             "pipelined": {c: min(k_chunk, c) for c in (*widths, dim)},
             "uniform": {c: min(k_chunk, smallest) for c in (*widths, dim)},
-            "resident": dict.fromkeys((*widths, dim), 0),  # no chunks: one product per tap
         }
         self.steps, self.dim, self.drift = fast.steps, dim, fast.drift
         self.lengths, self.widths = fast.lengths, widths
@@ -794,27 +633,6 @@ class FusedUNetSteps(nn.Module):
         extras = self.c0_bout[1:] + self.sigma[1:] * flipped  # [T - 1, L, d], index t - 1
         last = self.out_b_last.expand(1, l0, self.dim)
         extras = torch.cat([last, extras]).contiguous()  # index t
-        result = x.new_empty(batch, self.dim)
-        first, down1, down2, up1, up0 = self.offsets
-        kernel = self.kernel_for(padded // self.spp, x.device)
-        shapes = dict(
-            FIRST=first, DOWN1=down1, DOWN2=down2, UP1=up1, UP0=up0,
-            L0=l0, L1=l1, L2=l2,
-            BL0=_rows_block(l0), BL1=_rows_block(l1), BL2=_rows_block(l2),
-            W0=w0, W1=w1, W2=w2, D=self.dim, T=steps, SPP=self.spp,
-            PREC=self.step_precisions[0], EPS=self.eps,
-        )  # fmt: skip
-        if self.step_precisions[0] == "tf32":
-            weights, out_w = self.weights_tf32, self.out_w_tf32
-        else:
-            weights, out_w = self.weights, self.out_w
-        if kernel == "resident":
-            _resident_kernel[(padded // self.spp,)](
-                weights, cond.contiguous(), skip_x.contiguous(), noise[0].contiguous(),
-                extras, self.ct, out_w, result, batch, **shapes,
-                num_warps=self.num_warps, num_stages=1,
-            )  # fmt: skip
-            return result + x[:, l0 - 1] if self.drift else result
         new = x.new_empty
         zbuf = new(padded, l0, self.dim)
         # One scratch buffer per level: a buffer shared by levels would have a different
@@ -827,14 +645,27 @@ class FusedUNetSteps(nn.Module):
             new(padded, l2, w2),
             new(padded, l1, w1),
         )
+        result = new(batch, self.dim)
+        first, down1, down2, up1, up0 = self.offsets
+        kernel = self.kernel_for(padded // self.spp, x.device)
         chunks = self.chunks[kernel]
+        precision, tail, tail_precision = self.step_precisions
+        # The steps in tf32 read the weights rounded to nearest tf32, the tail the float32 ones.
+        weights, out_w = (
+            (self.weights_tf32, self.out_w_tf32) if precision == "tf32"
+            else (self.weights, self.out_w)
+        )  # fmt: skip
         _reverse_kernel[(padded // self.spp,)](
             weights, cond.contiguous(), skip_x.contiguous(), noise[0].contiguous(), extras,
             self.ct, out_w, self.weights, self.out_w, result,
-            zbuf, tmp0, tmp1, tmp2, h0, d1, d2, u1, batch, **shapes,
+            zbuf, tmp0, tmp1, tmp2, h0, d1, d2, u1, batch,
+            FIRST=first, DOWN1=down1, DOWN2=down2, UP1=up1, UP0=up0,
+            L0=l0, L1=l1, L2=l2,
+            BL0=_rows_block(l0), BL1=_rows_block(l1), BL2=_rows_block(l2),
+            W0=w0, W1=w1, W2=w2, D=self.dim, T=steps, SPP=self.spp,
             KCD=chunks[self.dim], KC0=chunks[w0], KC1=chunks[w1], KC2=chunks[w2],
-            PREFETCH=kernel == "pipelined",
-            TAIL=self.step_precisions[1], TAIL_PREC=self.step_precisions[2],
+            PREC=precision, EPS=self.eps, PREFETCH=kernel == "pipelined",
+            TAIL=tail, TAIL_PREC=tail_precision,
             num_warps=self.num_warps, num_stages=1,
         )  # fmt: skip
         return result + x[:, l0 - 1] if self.drift else result
