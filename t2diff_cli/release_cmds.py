@@ -144,6 +144,14 @@ def rebuild(
         Path | None, typer.Option(envvar="T2DIFF_REBUILD_DATA", help="interactions to retrain on")
     ] = None,
     model: Annotated[str, typer.Option(help="model name for --retrain")] = "t2diff",
+    model_set: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            help="model option key=value for --retrain, repeatable "
+            "(e.g. unet_width=16, what the bootstrap serves)",
+        ),
+    ] = None,
     epochs: Annotated[int, typer.Option(envvar="T2DIFF_REBUILD_EPOCHS")] = 20,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda for --retrain")] = "auto",
     version: Annotated[str | None, typer.Option(help="new version (default: UTC time)")] = None,
@@ -180,10 +188,14 @@ def rebuild(
         _fail("--retrain needs --data", code=2)
     if sum(x is not None for x in (run, artifacts)) + int(retrain) > 1:
         _fail("give at most one of --run, --artifacts, --retrain", code=2)
+    from t2diff_cli.main import _parse_overrides  # main imports this module
+
+    model_overrides = _parse_overrides(model_set or [])
     try:
         with release_lock(root, wait=False, name=REBUILD_LOCK_FILE):
             _rebuild_locked(
-                root, version, run, runs_dir, artifacts, retrain, data, model, epochs, device,
+                root, version, run, runs_dir, artifacts, retrain, data, model, model_overrides,
+                epochs, device,
                 factory, nprobe, min_recall, min_ratio, max_ratio, validation_queries, keep,
                 keep_failed, noise_seed,
             )  # fmt: skip
@@ -200,6 +212,7 @@ def _rebuild_locked(
     retrain: bool,
     data: Path | None,
     model: str,
+    model_overrides: dict[str, Any],
     epochs: int,
     device: str,
     factory: str | None,
@@ -235,7 +248,7 @@ def _rebuild_locked(
                     DataSource(str(Path(data).resolve())),  # type: ignore[arg-type]
                     run,
                     model,
-                    {},
+                    model_overrides,
                     TrainConfig(epochs=epochs, device=device, progress=False),
                 )
             elif run is None:

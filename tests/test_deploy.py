@@ -672,6 +672,8 @@ def test_bootstrap_builds_once_and_switches_current(tmp_path: Path) -> None:
     )
     assert first.returncode == 0, first.stdout + first.stderr
     assert [c.split()[0] for c in calls] == ["data", "train", "evaluate", "export", "build-index"]
+    # The served width: 16 unless T2DIFF_BOOTSTRAP_UNET_WIDTH says otherwise (checked below).
+    assert "--set unet_width=16" in calls[1]
     data = tmp_path / "data"
     for kind in ("artifacts", "indexes"):
         link = data / kind / "current"
@@ -686,8 +688,10 @@ def test_bootstrap_builds_once_and_switches_current(tmp_path: Path) -> None:
         T2DIFF_BOOTSTRAP_SESSIONS="never",
         T2DIFF_BOOTSTRAP_FORCE="1",
         T2DIFF_BOOTSTRAP_VERSION="v2",
+        T2DIFF_BOOTSTRAP_UNET_WIDTH="32",
     )
     assert third.returncode == 0 and calls[0].startswith("train")
+    assert "--set unet_width=32" in calls[0]
     assert os.readlink(data / "artifacts" / "current") == "v2"
     assert not list((data / "artifacts").glob(".current.*")), "temporary link left behind"
     bad, _ = _run_bootstrap(tmp_path, T2DIFF_BOOTSTRAP_SESSIONS="sometimes")

@@ -396,6 +396,10 @@ def test_rebuild_without_any_run_fails_cleanly(root: Path) -> None:
     assert result.exit_code == 1 and "no run with a trained model" in result.output
     assert current_version(root) == "v1"
     assert cli("rebuild", "--root", str(root), "--retrain").exit_code == 2
+    # --set (model options for --retrain, e.g. the served unet_width) is checked up front.
+    bad = cli("rebuild", "--root", str(root), "--retrain", "--data", str(root), "--set", "16")
+    assert bad.exit_code == 2 and "--set expects key=value" in bad.output
+    assert current_version(root) == "v1"
 
 
 def test_newest_run_picks_the_latest_trained_model(tmp_path: Path) -> None:

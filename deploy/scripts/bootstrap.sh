@@ -17,6 +17,10 @@ DATA="${T2DIFF_BOOTSTRAP_DATA:-}"
 SYNTH_DIR="${T2DIFF_BOOTSTRAP_SYNTH_DIR:-data/synth}"
 EPOCHS="${T2DIFF_BOOTSTRAP_EPOCHS:-2}"
 DEVICE="${T2DIFF_BOOTSTRAP_DEVICE:-cpu}"
+# The served model's U-Net width: 16 meets the tower's latency targets (2-core CPU p50
+# 10 ms, H100 p99 2 ms; docs/results/inference.md) at HR@10 within one std of width 32
+# (docs/results/model-quality.md, "U-Net width"); 32 is the training default.
+UNET_WIDTH="${T2DIFF_BOOTSTRAP_UNET_WIDTH:-16}"
 VERSION="${T2DIFF_BOOTSTRAP_VERSION:-bootstrap-$(date -u +%Y%m%dT%H%M%SZ)}"
 FORCE="${T2DIFF_BOOTSTRAP_FORCE:-0}"
 SESSIONS="${T2DIFF_BOOTSTRAP_SESSIONS:-auto}"
@@ -55,8 +59,9 @@ if [ "$FORCE" != "1" ] && [ -e artifacts/current ] && [ -e indexes/current ]; th
     log "artifacts/current -> $(readlink artifacts/current), indexes/current -> $(readlink indexes/current): nothing to build"
 else
     ensure_data
-    log "training $VERSION on $DATA ($EPOCHS epochs, device $DEVICE)"
-    t2diff train --data "$DATA" --out "runs/$VERSION" --epochs "$EPOCHS" --device "$DEVICE"
+    log "training $VERSION on $DATA ($EPOCHS epochs, device $DEVICE, U-Net width $UNET_WIDTH)"
+    t2diff train --data "$DATA" --out "runs/$VERSION" --epochs "$EPOCHS" --device "$DEVICE" \
+        --set "unet_width=$UNET_WIDTH"
     t2diff evaluate --run "runs/$VERSION" || log "evaluate failed (not fatal for a bootstrap model)"
     t2diff export --run "runs/$VERSION" --out "artifacts/$VERSION"
     t2diff build-index --artifacts "artifacts/$VERSION" --out "indexes/$VERSION"
