@@ -22,6 +22,11 @@ runs on plain matrix products:
   block's residual 1x1 convolution are computed once per request, not per step.
 * **last step pruned.** At ``t = 0`` only the newest position of ``zhat_0`` is used, so the
   output projection runs on that position only.
+* **residual biases folded forward.** A block's output is ``tail + x W_s + b_s``; ``b_s`` (and
+  whatever constant its input carried) is a per-position constant that every consumer maps
+  linearly (pooling, upsampling, the next convolutions, the 1x1 convolutions, the output
+  projection), so it is carried into their biases instead of being added: no bias ``Add``
+  on any residual path.
 
 The attention half of the tower (session self-attention, DIN, FFN) is the model's own
 ``_tower`` method, run once.  Nothing here changes training or the checkpoint format.
@@ -162,6 +167,12 @@ class FastUNetSteps(nn.Module):
             self.register_buffer("c0_bout", (c0[:, None] * b_out[None])[:, None, :])  # [T,1,d]
             self.register_buffer("sigma", sigma[:, None, None].clone())  # [T, 1, 1]
             self.ct = [float(v) for v in ct]
+            # the residual biases, carried forward into the consumers' biases
+            out_off = self._fold_offsets().double() @ w_out.double()  # [L, d]
+            self.register_buffer(
+                "c0_bout_pos", (c0.double()[:, None, None] * (b_out.double() + out_off)).float()
+            )  # [T, L, d]: c0_bout with the last block's carried bias
+            self.register_buffer("out_b_last_pos", (b_out.double() + out_off[-1]).float())
 
     def _build(
         self,
@@ -221,28 +232,55 @@ class FastUNetSteps(nn.Module):
             spec.register_buffer("up", _upsample_index(length))
             self.up_blocks.append(spec)
 
+    def _fold_offsets(self) -> torch.Tensor:
+        """Fold every residual bias ``b_s`` forward; returns the last block's offset ``[L, w0]``.
+
+        The graph computes each block's output less a per-position constant ``off`` (its
+        "offset"): ``h = tail + x_in W_s`` where the true output is ``h + off`` with
+        ``off = off_in W_s + b_s``.  Consumers are linear in ``h`` up to their bias, so
+        ``conv1(im2col(x_in + off_in)) + b_1`` becomes ``conv1(im2col(x_in)) + b1_pos`` with the
+        ``[L, C]`` constant ``b1_pos = conv1(im2col(off_in)) + b_1`` (per position: the zero
+        padding), and the output projection's bias takes the last offset.  Sets ``b1_pos`` on
+        every block spec after the first (whose residual bias is in ``skip_x``, once per request).
+        """
+
+        def fold(spec: nn.Module, off_in: torch.Tensor) -> torch.Tensor:
+            cols = spec.im1(off_in[None].float()).double()[0]
+            spec.register_buffer("b1_pos", (cols @ spec.w1.double() + spec.b1.double()).float())
+            return off_in @ spec.ws.double() + spec.bs.double()
+
+        off = torch.zeros(self.lengths[0], self.widths[0], dtype=torch.float64)
+        offs = [off]
+        for spec in self.down_blocks:
+            off = fold(spec, spec.pool.double() @ off)
+            offs.append(off)
+        offs.pop()
+        for spec in self.up_blocks:
+            off = fold(spec, torch.cat([off.index_select(0, spec.up), offs.pop()], dim=1))
+        return off
+
     # ------------------------------------------------------------------ one step
 
     @staticmethod
-    def _ln_silu(h: torch.Tensor, g: torch.Tensor, b: torch.Tensor, eps: float) -> torch.Tensor:
-        return F.silu(F.layer_norm(h, (int(g.numel()),), g, b, eps))
-
-    def _tail(self, spec: nn.Module, pre: torch.Tensor, t: int) -> torch.Tensor:
-        """norm1 -> SiLU -> conv2 (+ folded bias and step bias) -> norm2 -> SiLU."""
-        h = self._ln_silu(pre, spec.g1, spec.be1, spec.eps[0])
+    def _tail(spec: nn.Module, pre: torch.Tensor, bias: torch.Tensor, t: int) -> torch.Tensor:
+        """norm1(pre + bias) -> SiLU -> conv2 (+ folded bias and step bias) -> norm2 -> SiLU."""
+        h = F.silu(F.layer_norm(pre + bias, spec.g1.shape, spec.g1, spec.be1, spec.eps[0]))
         h = torch.matmul(spec.im2(h), spec.w2) + spec.c2[t]
-        return self._ln_silu(h, spec.g2, spec.be2, spec.eps[1])
+        return F.silu(F.layer_norm(h, spec.g2.shape, spec.g2, spec.be2, spec.eps[1]))
 
     def _block(self, spec: nn.Module, x_in: torch.Tensor, t: int) -> torch.Tensor:
-        pre = torch.matmul(spec.im1(x_in), spec.w1) + spec.b1
-        return self._tail(spec, pre, t) + (torch.matmul(x_in, spec.ws) + spec.bs)
+        """The block's output less its offset (``_fold_offsets``): no bias on the residual."""
+        pre = torch.matmul(spec.im1(x_in), spec.w1)
+        return self._tail(spec, pre, spec.b1_pos, t) + torch.matmul(x_in, spec.ws)
 
     def _unet(
         self, zt: torch.Tensor, cond: torch.Tensor, skip_x: torch.Tensor, t: int
     ) -> torch.Tensor:
-        """The U-Net's last hidden layer ``[B, L, w0]`` (before the output 1x1 conv)."""
-        pre = torch.matmul(self.im_z(zt), self.w_z) + cond
-        h = self._tail(self.first, pre, t) + (torch.matmul(zt, self.skip_z) + skip_x)
+        """The U-Net's last hidden layer ``[B, L, w0]`` (before the output 1x1 conv), less
+        the last block's offset (folded into ``c0_bout_pos`` and ``out_b_last_pos``)."""
+        # cond is [B, L, w0]; the z_t product is [1, L, w0] at the first step (shared noise)
+        h = self._tail(self.first, cond, torch.matmul(self.im_z(zt), self.w_z), t)
+        h = h + (torch.matmul(zt, self.skip_z) + skip_x)
         skips = [h]
         for spec in self.down_blocks:
             h = self._block(spec, torch.matmul(spec.pool, h), t)
@@ -261,7 +299,7 @@ class FastUNetSteps(nn.Module):
         skip_x = torch.matmul(x, self.skip_x) + self.skip_xb
         # noise term of every step t > 0: c0_t b_out + sigma_t noise[T - t]; index by t
         flipped = torch.flip(noise[1:], dims=[0])  # flipped[t - 1] = noise[T - t]
-        extra = self.c0_bout[1:] + self.sigma[1:] * flipped  # [T - 1, L, d]
+        extra = self.c0_bout_pos[1:] + self.sigma[1:] * flipped  # [T - 1, L, d]
         extras = extra.split(1, dim=0)
         zt = noise[:1]  # [1, L, d], broadcast over the batch
         for t in range(steps - 1, 0, -1):
@@ -269,7 +307,7 @@ class FastUNetSteps(nn.Module):
             zt = torch.matmul(h, self.out_w[t]) + self.ct[t] * zt + extras[t - 1]
         h = self._unet(zt, cond, skip_x, 0)
         last = h[:, l0 - 1]
-        z0_last = torch.matmul(last, self.out_w_last) + self.out_b_last
+        z0_last = torch.matmul(last, self.out_w_last) + self.out_b_last_pos
         return z0_last + x[:, l0 - 1] if self.drift else z0_last
 
 
