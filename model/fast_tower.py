@@ -27,6 +27,12 @@ runs on plain matrix products:
   linearly (pooling, upsampling, the next convolutions, the 1x1 convolutions, the output
   projection), so it is carried into their biases instead of being added: no bias ``Add``
   on any residual path.
+* **a pad row instead of a ``Pad`` per convolution.** Every activation carries one extra
+  row (``[B, L + 1, C]``, the last row) whose value does not depend on the input: the im2col
+  gathers read it where the convolution's zero padding would be, so no ``Pad`` node runs per
+  step.  Where that row is not zero (after a norm and SiLU), its contribution ``p W_tap`` at
+  the two boundary positions is a constant, subtracted in the convolution's per-position
+  bias.  The pad row of ``z_t`` is held at zero by the per-step noise term.
 
 The attention half of the tower (session self-attention, DIN, FFN) is the model's own
 ``_tower`` method, run once.  Nothing here changes training or the checkpoint format.
@@ -135,6 +141,60 @@ class _Im2col(nn.Module):
         return cols.reshape(-1, self.out_len, 3 * self.channels)
 
 
+class _PaddedIm2col(nn.Module):
+    """``x [B, L + 1, C] -> [B, L + 1, 3C]``: a k=3, padding=1 im2col in the pad-row layout.
+
+    Row ``L`` of ``x`` and of the result is the pad row.  ``gather`` mode reads the pad row
+    at the zero-padding taps (one ``Gather`` + ``Reshape``, no ``Pad``); the convolution then
+    owes ``boundary(p, w)`` to its bias, ``p`` being the pad row's value.  ``matmul`` mode is
+    a shift matrix that ignores the pad row (zero there), so it owes nothing.
+    """
+
+    def __init__(self, length: int, channels: int, mode: str, c_out: int) -> None:
+        super().__init__()
+        if mode == "auto":  # the shift product costs L / C_out of the conv's own FLOPs
+            mode = "matmul" if length <= 0.5 * c_out else "gather"
+        if mode not in ("matmul", "gather"):
+            raise ValueError(f"unknown im2col mode {mode!r}")
+        self.length, self.channels, self.mode = length, channels, mode
+        taps = [(pos, tap, pos + tap - 1) for pos in range(length) for tap in range(3)]
+        if mode == "matmul":
+            shift = torch.zeros(3 * (length + 1), length + 1)
+            for pos, tap, q in taps:
+                if 0 <= q < length:
+                    shift[pos * 3 + tap, q] = 1.0
+            self.register_buffer("shift", shift)
+        else:
+            index = [q if 0 <= q < length else length for _, _, q in taps] + [length] * 3
+            self.register_buffer("index", torch.tensor(index))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "matmul":
+            cols = torch.matmul(self.shift, x)
+        else:
+            cols = x.index_select(1, self.index)
+        return cols.reshape(-1, self.length + 1, 3 * self.channels)
+
+    def boundary(self, pad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """``[L + 1, C_out]``: what reading the pad row ``pad`` adds to the convolution
+        ``weight`` (``[3C, C_out]``) at the zero-padding taps (zero in ``matmul`` mode)."""
+        out = torch.zeros(self.length + 1, weight.shape[1], dtype=weight.dtype)
+        if self.mode == "gather":
+            c = self.channels
+            for pos in range(self.length):
+                for tap in range(3):
+                    if not 0 <= pos + tap - 1 < self.length:
+                        out[pos] += pad @ weight[tap * c : (tap + 1) * c]
+        return out
+
+
+def _pad_row(x: torch.Tensor, dim: int = -2) -> torch.Tensor:
+    """``x`` with one zero row appended along ``dim`` (a sequence axis)."""
+    shape = list(x.shape)
+    shape[dim] = 1
+    return torch.cat([x, x.new_zeros(shape)], dim=dim)
+
+
 class FastUNetSteps(nn.Module):
     """The T reverse steps of ``T2Diff.reconstruct`` (channels-last, constants folded)."""
 
@@ -173,6 +233,7 @@ class FastUNetSteps(nn.Module):
                 "c0_bout_pos", (c0.double()[:, None, None] * (b_out.double() + out_off)).float()
             )  # [T, L, d]: c0_bout with the last block's carried bias
             self.register_buffer("out_b_last_pos", (b_out.double() + out_off[-1]).float())
+            self._build_pad_rows(mode)
 
     def _build(
         self,
@@ -259,6 +320,48 @@ class FastUNetSteps(nn.Module):
             off = fold(spec, torch.cat([off.index_select(0, spec.up), offs.pop()], dim=1))
         return off
 
+    def _build_pad_rows(self, mode: str) -> None:
+        """The pad-row layout (``_PaddedIm2col``): padded im2col, pooling and upsampling maps,
+        and the biases less what reading each source's pad row adds at the boundaries.
+
+        The pad rows do not depend on the input or on the step (the per-step constants are
+        zero there and ``z_t``'s pad row is held at zero), so one float64 pass of the U-Net
+        on them gives every source's pad row; the boundary terms only touch real rows, so
+        they do not change the pad rows they were computed from.
+        """
+        l0, w0, dim = self.lengths[0], self.widths[0], self.dim
+        self.pim_z = _PaddedIm2col(l0, dim, mode, w0)
+        specs = [self.first, *self.down_blocks, *self.up_blocks]
+        for spec in specs:
+            length = spec.c2.shape[1]
+            if spec is not self.first:
+                spec.pim1 = _PaddedIm2col(length, spec.c_in, mode, spec.c_out)
+                spec.register_buffer("b1p", _pad_row(spec.b1_pos))
+            spec.pim2 = _PaddedIm2col(length, spec.c_out, mode, spec.c_out)
+            spec.register_buffer("c2p", _pad_row(spec.c2))
+        for spec in self.down_blocks:
+            pool = spec.pool
+            spec.register_buffer("ppool", _pad_row(_pad_row(pool), dim=1))
+        for i, spec in enumerate(self.up_blocks):
+            src_len = self.lengths[len(self.up_blocks) - i]
+            spec.register_buffer("pup", torch.cat([spec.up, torch.tensor([src_len])]))
+        self.register_buffer("c0_bout_pad", _pad_row(self.c0_bout_pos))
+        # one float64 pass on the pad rows (real rows: an all-zero history), recording what
+        # every gather-mode convolution reads there
+        self.double()
+        try:
+            owed: list[tuple[nn.Module, str, torch.Tensor]] = []
+            zeros = torch.zeros(1, l0 + 1, dim, dtype=torch.float64)
+            cond = torch.matmul(self.pim_z(zeros), self.w_x) + self.b_x
+            skip_x = torch.matmul(zeros, self.skip_x) + self.skip_xb
+            h = self._unet_p(zeros, cond, skip_x, 0, owed)
+            for spec, name, term in owed:
+                getattr(spec, name).sub_(term)  # c2p: [T, L + 1, C] - [L + 1, C]
+            # z_{t-1}'s pad row = h_pad W_t + ct_t * 0 + e_t: e_t = -h_pad W_t keeps it zero
+            self.c0_bout_pad[:, -1] = -(h[0, -1] @ self.out_w)
+        finally:
+            self.float()
+
     # ------------------------------------------------------------------ one step
 
     @staticmethod
@@ -291,8 +394,85 @@ class FastUNetSteps(nn.Module):
             h = self._block(spec, x_in, t)
         return h
 
+    @staticmethod
+    def _conv(
+        im: _PaddedIm2col,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        spec: nn.Module,
+        bias: str,
+        owed: list[tuple[nn.Module, str, torch.Tensor]] | None,
+    ) -> torch.Tensor:
+        """``im2col(x) @ weight``; while building, note the boundary term ``spec.bias`` owes."""
+        if owed is not None:
+            owed.append((spec, bias, im.boundary(x[0, -1], weight)))
+        return torch.matmul(im(x), weight)
+
+    def _tail_p(
+        self,
+        spec: nn.Module,
+        pre: torch.Tensor,
+        t: int,
+        owed: list[tuple[nn.Module, str, torch.Tensor]] | None,
+    ) -> torch.Tensor:
+        h = F.silu(F.layer_norm(pre, spec.g1.shape, spec.g1, spec.be1, spec.eps[0]))
+        h = self._conv(spec.pim2, h, spec.w2, spec, "c2p", owed) + spec.c2p[t]
+        return F.silu(F.layer_norm(h, spec.g2.shape, spec.g2, spec.be2, spec.eps[1]))
+
+    def _unet_p(
+        self,
+        zt: torch.Tensor,
+        cond: torch.Tensor,
+        skip_x: torch.Tensor,
+        t: int,
+        owed: list[tuple[nn.Module, str, torch.Tensor]] | None = None,
+    ) -> torch.Tensor:
+        """``_unet`` in the pad-row layout: ``[B, L + 1, C]`` activations, no ``Pad`` node.
+
+        ``owed`` (building only) collects the boundary terms of the gather-mode convolutions.
+        """
+        first = self.first
+        # z_t's pad row is zero (up to rounding), so the z_t convolution owes nothing
+        pre = cond + torch.matmul(self.pim_z(zt), self.w_z)
+        h = self._tail_p(first, pre, t, owed) + (torch.matmul(zt, self.skip_z) + skip_x)
+        skips = [h]
+        for spec in self.down_blocks:
+            x_in = torch.matmul(spec.ppool, h)  # pad row exactly zero
+            pre = self._conv(spec.pim1, x_in, spec.w1, spec, "b1p", owed) + spec.b1p
+            h = self._tail_p(spec, pre, t, owed) + torch.matmul(x_in, spec.ws)
+            skips.append(h)
+        skips.pop()
+        for spec in self.up_blocks:
+            x_in = torch.cat([h.index_select(1, spec.pup), skips.pop()], dim=2)
+            pre = self._conv(spec.pim1, x_in, spec.w1, spec, "b1p", owed) + spec.b1p
+            h = self._tail_p(spec, pre, t, owed) + torch.matmul(x_in, spec.ws)
+        return h
+
     def forward(self, x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """``x`` history ``[B, L, d]``, ``noise`` ``[T, L, d]`` -> ``xhat_{n+1}`` ``[B, d]``."""
+        """``x`` history ``[B, L, d]``, ``noise`` ``[T, L, d]`` -> ``xhat_{n+1}`` ``[B, d]``.
+
+        Runs in the pad-row layout (``_unet_p``); ``_unet`` is the same U-Net without it.
+        """
+        steps = self.steps
+        l0 = self.length
+        x_p = _pad_row(x)  # the history's pad row is zero: cond's is b_x
+        cond = torch.matmul(self.pim_z(x_p), self.w_x) + self.b_x
+        skip_x = torch.matmul(x_p, self.skip_x) + self.skip_xb
+        # noise term of every step t > 0: c0_t b_out + sigma_t noise[T - t]; index by t
+        flipped = torch.flip(noise[1:], dims=[0])  # flipped[t - 1] = noise[T - t]
+        extra = self.c0_bout_pad[1:] + _pad_row(self.sigma[1:] * flipped)  # [T-1, L+1, d]
+        extras = extra.split(1, dim=0)
+        zt = _pad_row(noise[:1])  # [1, L + 1, d], broadcast over the batch
+        for t in range(steps - 1, 0, -1):
+            h = self._unet_p(zt, cond, skip_x, t)
+            zt = torch.matmul(h, self.out_w[t]) + self.ct[t] * zt + extras[t - 1]
+        h = self._unet_p(zt, cond, skip_x, 0)
+        last = h[:, l0 - 1]
+        z0_last = torch.matmul(last, self.out_w_last) + self.out_b_last_pos
+        return z0_last + x[:, l0 - 1] if self.drift else z0_last
+
+    def forward_unpadded(self, x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """``forward`` without the pad-row layout (a ``Pad`` per gather-mode im2col)."""
         steps = self.steps
         l0 = self.length
         cond = torch.matmul(self.im_z(x), self.w_x) + self.b_x

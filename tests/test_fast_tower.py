@@ -96,3 +96,50 @@ def test_fast_export_is_smaller_than_the_traced_module(tmp_path: Path) -> None:
     assert "Conv" in ops["plain"] and "Conv" not in ops["fast"]  # convolutions are MatMuls
     assert "Tile" not in ops["fast"]  # no repeat_interleave
     assert "LayerNormalization" in ops["fast"]  # the channel norm stays one fused op
+
+
+@pytest.mark.parametrize("mode", ["auto", "gather", "matmul"])
+@pytest.mark.parametrize("overrides", [{}, {"unet_levels": 4, "max_seq_len": 11, "unet_width": 4}])
+def test_pad_row_layout_matches_the_padded_convolutions(mode: str, overrides: dict) -> None:
+    """The pad-row layout (no ``Pad`` per step, boundary terms in the biases) and the plain
+    zero-padded layout give the reference's answer, and the pad row of ``z_t`` stays zero."""
+    model = _model(seed=5, **overrides)
+    steps = FastTower(model, mode).steps
+    item_seq, _, noise = _inputs(model, 3, seed=5)
+    with torch.no_grad():
+        x = model.item_emb(item_seq)
+        reference = model.reconstruct(x, noise)
+        assert (steps(x, noise) - reference).abs().max() < TOL
+        assert (steps.forward_unpadded(x, noise) - reference).abs().max() < TOL
+        # one step from z_T: the next z_t's pad row (held at zero by the noise term)
+        x_p = torch.cat([x, x.new_zeros(3, 1, x.shape[2])], dim=1)
+        cond = torch.matmul(steps.pim_z(x_p), steps.w_x) + steps.b_x
+        skip_x = torch.matmul(x_p, steps.skip_x) + steps.skip_xb
+        zt = torch.cat([noise[:1], noise.new_zeros(1, 1, noise.shape[2])], dim=1)
+        t = steps.steps - 1
+        h = steps._unet_p(zt, cond, skip_x, t)
+        z_next = torch.matmul(h, steps.out_w[t]) + steps.c0_bout_pad[t]
+        assert z_next[:, -1].abs().max() < 1e-5
+
+
+def test_residual_biases_are_folded_forward() -> None:
+    """The residual 1x1 convs' biases live in the consumers' per-position biases: the plain
+    layout's U-Net (``_unet``) differs from the true hidden layer by the last block's offset,
+    which is what ``out_b_last_pos`` adds over ``out_b_last``."""
+    model = _model(seed=6)
+    steps = FastTower(model).steps
+    for spec in [*steps.down_blocks, *steps.up_blocks]:
+        assert spec.b1_pos.shape == (spec.c2.shape[1], spec.c_out)  # per position
+        assert spec.b1p.shape == (spec.c2.shape[1] + 1, spec.c_out)  # and its pad row
+    offset = steps.out_b_last_pos - steps.out_b_last
+    assert offset.abs().max() > 1e-3  # the perturbed biases do reach the output
+
+
+def test_fast_export_runs_no_pad_per_step(tmp_path: Path) -> None:
+    onnx = pytest.importorskip("onnx")
+    from model.export import export_onnx
+
+    model = _model(seed=7, diffusion_steps=6)
+    export_onnx(model, tmp_path / "fast.onnx", model.config.max_seq_len)
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "fast.onnx")).graph.node]
+    assert "Pad" not in ops  # the pad rows are appended once per request (Concat)
