@@ -196,9 +196,16 @@ def _pad_row(x: torch.Tensor, dim: int = -2) -> torch.Tensor:
 
 
 class FastUNetSteps(nn.Module):
-    """The T reverse steps of ``T2Diff.reconstruct`` (channels-last, constants folded)."""
+    """The T reverse steps of ``T2Diff.reconstruct`` (channels-last, constants folded).
 
-    def __init__(self, model: T2Diff, mode: str = "auto") -> None:
+    ``pad_rows``: run in the pad-row layout (``_PaddedIm2col``); ``None`` decides by the
+    im2col modes: it pays where most per-step im2cols are gathers (each loses its ``Pad``),
+    and costs a row of FLOPs at every level, most at the deep ``matmul``-mode levels where
+    the shift product grows as ``(L + 1)^2`` (ML-1M width 16: 8 gathers of 10, -10% per
+    request; width 32: 4 of 10, +5% at batch 64).
+    """
+
+    def __init__(self, model: T2Diff, mode: str = "auto", pad_rows: bool | None = None) -> None:
         super().__init__()
         cfg = model.config
         unet: UNet1D = model.unet
@@ -234,6 +241,14 @@ class FastUNetSteps(nn.Module):
             )  # [T, L, d]: c0_bout with the last block's carried bias
             self.register_buffer("out_b_last_pos", (b_out.double() + out_off[-1]).float())
             self._build_pad_rows(mode)
+        if pad_rows is None:
+            modes = [  # the per-step im2cols (the first block's conv1 is the z_t one)
+                im.mode
+                for spec in (self.first, *self.down_blocks, *self.up_blocks)
+                for im in (getattr(spec, "pim1", self.pim_z), spec.pim2)
+            ]
+            pad_rows = 2 * modes.count("gather") > len(modes)
+        self.pad_rows = pad_rows
 
     def _build(
         self,
@@ -451,8 +466,10 @@ class FastUNetSteps(nn.Module):
     def forward(self, x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """``x`` history ``[B, L, d]``, ``noise`` ``[T, L, d]`` -> ``xhat_{n+1}`` ``[B, d]``.
 
-        Runs in the pad-row layout (``_unet_p``); ``_unet`` is the same U-Net without it.
+        Runs in the pad-row layout (``_unet_p``) when ``pad_rows``, else ``forward_unpadded``.
         """
+        if not self.pad_rows:
+            return self.forward_unpadded(x, noise)
         steps = self.steps
         l0 = self.length
         x_p = _pad_row(x)  # the history's pad row is zero: cond's is b_x
@@ -494,11 +511,11 @@ class FastUNetSteps(nn.Module):
 class FastTower(nn.Module):
     """``forward(item_seq, time_lag, noise) -> user_embedding``: the ONNX contract."""
 
-    def __init__(self, model: T2Diff, mode: str = "auto") -> None:
+    def __init__(self, model: T2Diff, mode: str = "auto", pad_rows: bool | None = None) -> None:
         super().__init__()
         self.model = model.eval()
         self.use_diffusion = model.config.use_diffusion
-        self.steps = FastUNetSteps(model, mode) if self.use_diffusion else None
+        self.steps = FastUNetSteps(model, mode, pad_rows) if self.use_diffusion else None
 
     def forward(
         self, item_seq: torch.Tensor, time_lag: torch.Tensor, noise: torch.Tensor
