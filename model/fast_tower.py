@@ -32,7 +32,9 @@ runs on plain matrix products:
   gathers read it where the convolution's zero padding would be, so no ``Pad`` node runs per
   step.  Where that row is not zero (after a norm and SiLU), its contribution ``p W_tap`` at
   the two boundary positions is a constant, subtracted in the convolution's per-position
-  bias.  The pad row of ``z_t`` is held at zero by the per-step noise term.
+  bias.  The pad row of ``z_t`` is held at zero by the per-step noise term.  In this layout
+  every im2col is a gather (a shift product only saved a ``Pad``, at L / C_out of the
+  convolution's FLOPs).
 
 The attention half of the tower (session self-attention, DIN, FFN) is the model's own
 ``_tower`` method, run once.  Nothing here changes training or the checkpoint format.
@@ -152,8 +154,8 @@ class _PaddedIm2col(nn.Module):
 
     def __init__(self, length: int, channels: int, mode: str, c_out: int) -> None:
         super().__init__()
-        if mode == "auto":  # the shift product costs L / C_out of the conv's own FLOPs
-            mode = "matmul" if length <= 0.5 * c_out else "gather"
+        if mode == "auto":  # no Pad to save: a shift product only adds FLOPs
+            mode = "gather"
         if mode not in ("matmul", "gather"):
             raise ValueError(f"unknown im2col mode {mode!r}")
         self.length, self.channels, self.mode = length, channels, mode
@@ -198,14 +200,14 @@ def _pad_row(x: torch.Tensor, dim: int = -2) -> torch.Tensor:
 class FastUNetSteps(nn.Module):
     """The T reverse steps of ``T2Diff.reconstruct`` (channels-last, constants folded).
 
-    ``pad_rows``: run in the pad-row layout (``_PaddedIm2col``); ``None`` decides by the
-    im2col modes: it pays where most per-step im2cols are gathers (each loses its ``Pad``),
-    and costs a row of FLOPs at every level, most at the deep ``matmul``-mode levels where
-    the shift product grows as ``(L + 1)^2`` (ML-1M width 16: 8 gathers of 10, -10% per
-    request; width 32: 4 of 10, +5% at batch 64).
+    ``pad_rows`` (default): run in the pad-row layout (``_PaddedIm2col``), where ``mode``
+    ``auto`` means every im2col is a gather: with no ``Pad`` to save, the shift products only
+    add FLOPs (ML-1M, both widths, B = 1 and 64: -11% against ``auto``'s shift products at
+    the deep levels).  ``pad_rows=False`` is the plain layout (``forward_unpadded``), with its
+    own ``auto`` rule.
     """
 
-    def __init__(self, model: T2Diff, mode: str = "auto", pad_rows: bool | None = None) -> None:
+    def __init__(self, model: T2Diff, mode: str = "auto", pad_rows: bool = True) -> None:
         super().__init__()
         cfg = model.config
         unet: UNet1D = model.unet
@@ -241,13 +243,6 @@ class FastUNetSteps(nn.Module):
             )  # [T, L, d]: c0_bout with the last block's carried bias
             self.register_buffer("out_b_last_pos", (b_out.double() + out_off[-1]).float())
             self._build_pad_rows(mode)
-        if pad_rows is None:
-            modes = [  # the per-step im2cols (the first block's conv1 is the z_t one)
-                im.mode
-                for spec in (self.first, *self.down_blocks, *self.up_blocks)
-                for im in (getattr(spec, "pim1", self.pim_z), spec.pim2)
-            ]
-            pad_rows = 2 * modes.count("gather") > len(modes)
         self.pad_rows = pad_rows
 
     def _build(
@@ -511,7 +506,7 @@ class FastUNetSteps(nn.Module):
 class FastTower(nn.Module):
     """``forward(item_seq, time_lag, noise) -> user_embedding``: the ONNX contract."""
 
-    def __init__(self, model: T2Diff, mode: str = "auto", pad_rows: bool | None = None) -> None:
+    def __init__(self, model: T2Diff, mode: str = "auto", pad_rows: bool = True) -> None:
         super().__init__()
         self.model = model.eval()
         self.use_diffusion = model.config.use_diffusion
