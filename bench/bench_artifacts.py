@@ -5,9 +5,11 @@
 
 Each export is loaded by ``service.tower.UserTowerRunner`` (the serving code, its ORT
 settings and its fixed noise), fed full-length random histories of the export's own items,
-and timed per call after a warm-up; the exports are interleaved call by call, so a noisy
-neighbour slows all of them alike and their ratios hold.  Prints p50/p95/p99 per call and
-samples/s (from the p50) and the machine's load average.
+and timed per call after a warm-up; the exports are interleaved call by call (alternating
+their order), so a noisy neighbour slows all of them alike and their ratios hold.  Prints
+p50/p95/p99 per call, samples/s (from the p50), the median thread CPU time per call and
+the machine's load average.  The CPU time is what the call costs when its core is not
+taken away: the runner's one-thread session computes on the calling thread.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from service.tower import UserTowerRunner  # noqa: E402
 
 HEADER = ["machine", "artifacts", "model", "steps", "batch", "p50_ms", "p95_ms", "p99_ms",
-          "samples_per_s", "loadavg_1m"]  # fmt: skip
+          "samples_per_s", "loadavg_1m", "cpu_p50_ms"]  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,19 +54,24 @@ def main(argv: list[str] | None = None) -> int:
             for _ in range(args.warmup):
                 runner.embed_tokens(tokens, stamps, 1e6)
         times: list[list[float]] = [[] for _ in runners]
+        cpu: list[list[float]] = [[] for _ in runners]
         load = os.getloadavg()[0]
-        for _ in range(runs):
-            for slot, ((_, runner), (tokens, stamps)) in enumerate(
-                zip(runners, inputs, strict=True)
-            ):
-                started = time.perf_counter()
+        slots = list(range(len(runners)))
+        for call in range(runs):
+            # alternate the order: no export always runs right after the same neighbour
+            for slot in slots if call % 2 == 0 else slots[::-1]:
+                runner = runners[slot][1]
+                tokens, stamps = inputs[slot]
+                started, cpu_started = time.perf_counter(), time.thread_time()
                 runner.embed_tokens(tokens, stamps, 1e6)
+                cpu[slot].append((time.thread_time() - cpu_started) * 1000)
                 times[slot].append((time.perf_counter() - started) * 1000)
-        for (path, runner), sample in zip(runners, times, strict=True):
+        for (path, runner), sample, cpu_sample in zip(runners, times, cpu, strict=True):
             p50, p95, p99 = np.percentile(sample, [50, 95, 99])
             row = [args.machine, path.name, runner.model_name, runner.manifest.get(
                 "diffusion_steps"), batch, f"{p50:.3f}", f"{p95:.3f}", f"{p99:.3f}",
-                f"{batch / p50 * 1000:.1f}", f"{load:.2f}"]  # fmt: skip
+                f"{batch / p50 * 1000:.1f}", f"{load:.2f}",
+                f"{float(np.median(cpu_sample)):.3f}"]  # fmt: skip
             rows.append(row)
             print(dict(zip(HEADER, row, strict=True)), flush=True)
     if args.csv is not None:
