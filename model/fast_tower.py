@@ -152,7 +152,7 @@ class _PaddedIm2col(nn.Module):
     a shift matrix that ignores the pad row (zero there), so it owes nothing.
     """
 
-    def __init__(self, length: int, channels: int, mode: str, c_out: int) -> None:
+    def __init__(self, length: int, channels: int, mode: str) -> None:
         super().__init__()
         if mode == "auto":  # no Pad to save: a shift product only adds FLOPs
             mode = "gather"
@@ -339,15 +339,15 @@ class FastUNetSteps(nn.Module):
         on them gives every source's pad row; the boundary terms only touch real rows, so
         they do not change the pad rows they were computed from.
         """
-        l0, w0, dim = self.lengths[0], self.widths[0], self.dim
-        self.pim_z = _PaddedIm2col(l0, dim, mode, w0)
+        l0, dim = self.lengths[0], self.dim
+        self.pim_z = _PaddedIm2col(l0, dim, mode)
         specs = [self.first, *self.down_blocks, *self.up_blocks]
         for spec in specs:
             length = spec.c2.shape[1]
             if spec is not self.first:
-                spec.pim1 = _PaddedIm2col(length, spec.c_in, mode, spec.c_out)
+                spec.pim1 = _PaddedIm2col(length, spec.c_in, mode)
                 spec.register_buffer("b1p", _pad_row(spec.b1_pos))
-            spec.pim2 = _PaddedIm2col(length, spec.c_out, mode, spec.c_out)
+            spec.pim2 = _PaddedIm2col(length, spec.c_out, mode)
             spec.register_buffer("c2p", _pad_row(spec.c2))
         for spec in self.down_blocks:
             pool = spec.pool
