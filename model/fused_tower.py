@@ -514,7 +514,7 @@ class FusedUNetSteps(nn.Module):
             raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
         if samples_per_program & (samples_per_program - 1):
             raise ValueError("samples_per_program must be a power of two")
-        fast = FastUNetSteps(model, "gather")
+        fast = FastUNetSteps(model, "gather", pad_rows=False)
         if len(fast.lengths) != 3:
             raise ValueError("the fused kernel is written for the 3-level U-Net")
         widths, dim = fast.widths, fast.dim
