@@ -387,7 +387,9 @@ def _overhead_cell(
         command = [sys.executable, __file__, "--noop-worker", *worker_args]
         env["T2DIFF_BENCH_NOOP_SLEEP_MS"] = compute.removeprefix("sleep").replace("noop", "0")
     else:
-        command = [sys.executable, "-m", "model.tower_worker", "--path", compute,
+        # --precision reaches the fused path (R4 timed the worker's own default without it).
+        precision = ["--precision", args.precision] if compute == "fused" else []
+        command = [sys.executable, "-m", "model.tower_worker", "--path", compute, *precision,
                    *worker_args]  # fmt: skip
     worker = subprocess.Popen(command, cwd=root, env=env)
     try:

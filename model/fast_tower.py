@@ -43,6 +43,7 @@ The attention half of the tower (session self-attention, DIN, FFN) is the model'
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -465,8 +466,6 @@ class FastUNetSteps(nn.Module):
         """
         if not self.pad_rows:
             return self.forward_unpadded(x, noise)
-        steps = self.steps
-        l0 = self.length
         x_p = _pad_row(x)  # the history's pad row is zero: cond's is b_x
         cond = torch.matmul(self.pim_z(x_p), self.w_x) + self.b_x
         skip_x = torch.matmul(x_p, self.skip_x) + self.skip_xb
@@ -475,18 +474,10 @@ class FastUNetSteps(nn.Module):
         extra = self.c0_bout_pad[1:] + _pad_row(self.sigma[1:] * flipped)  # [T-1, L+1, d]
         extras = extra.split(1, dim=0)
         zt = _pad_row(noise[:1])  # [1, L + 1, d], broadcast over the batch
-        for t in range(steps - 1, 0, -1):
-            h = self._unet_p(zt, cond, skip_x, t)
-            zt = torch.matmul(h, self.out_w[t]) + self.ct[t] * zt + extras[t - 1]
-        h = self._unet_p(zt, cond, skip_x, 0)
-        last = h[:, l0 - 1]
-        z0_last = torch.matmul(last, self.out_w_last) + self.out_b_last_pos
-        return z0_last + x[:, l0 - 1] if self.drift else z0_last
+        return self._reverse(self._unet_p, x, zt, cond, skip_x, extras)
 
     def forward_unpadded(self, x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """``forward`` without the pad-row layout (a ``Pad`` per gather-mode im2col)."""
-        steps = self.steps
-        l0 = self.length
         cond = torch.matmul(self.im_z(x), self.w_x) + self.b_x
         skip_x = torch.matmul(x, self.skip_x) + self.skip_xb
         # noise term of every step t > 0: c0_t b_out + sigma_t noise[T - t]; index by t
@@ -494,13 +485,25 @@ class FastUNetSteps(nn.Module):
         extra = self.c0_bout_pos[1:] + self.sigma[1:] * flipped  # [T - 1, L, d]
         extras = extra.split(1, dim=0)
         zt = noise[:1]  # [1, L, d], broadcast over the batch
-        for t in range(steps - 1, 0, -1):
-            h = self._unet(zt, cond, skip_x, t)
+        return self._reverse(self._unet, x, zt, cond, skip_x, extras)
+
+    def _reverse(
+        self,
+        unet: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor],
+        x: torch.Tensor,
+        zt: torch.Tensor,
+        cond: torch.Tensor,
+        skip_x: torch.Tensor,
+        extras: tuple[torch.Tensor, ...],
+    ) -> torch.Tensor:
+        """The T reverse steps from ``zt`` through ``unet`` (either layout) -> ``xhat_{n+1}``."""
+        for t in range(self.steps - 1, 0, -1):
+            h = unet(zt, cond, skip_x, t)
             zt = torch.matmul(h, self.out_w[t]) + self.ct[t] * zt + extras[t - 1]
-        h = self._unet(zt, cond, skip_x, 0)
-        last = h[:, l0 - 1]
+        h = unet(zt, cond, skip_x, 0)
+        last = h[:, self.length - 1]
         z0_last = torch.matmul(last, self.out_w_last) + self.out_b_last_pos
-        return z0_last + x[:, l0 - 1] if self.drift else z0_last
+        return z0_last + x[:, self.length - 1] if self.drift else z0_last
 
 
 class FastTower(nn.Module):
