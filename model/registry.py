@@ -103,6 +103,26 @@ def make_config(name: str, overrides: dict[str, Any] | None = None) -> dict[str,
     unknown = set(overrides) - known
     if unknown:
         raise ValueError(f"unknown option(s) for {name}: {sorted(unknown)}")
+    # A value of the wrong type (``--set unet_width=abc``) would otherwise fail deep in the
+    # model's constructor with an unrelated message: check it against the default's type.
+    defaults = asdict(spec.config_class(**spec.fixed))
+    for key, value in overrides.items():
+        default = defaults[key]
+        if isinstance(default, bool) or default is None:
+            ok = default is None or isinstance(value, bool)
+        elif isinstance(default, int):
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif isinstance(default, float):
+            ok = isinstance(value, int | float) and not isinstance(value, bool)
+            value = float(value) if ok else value
+        else:
+            ok = isinstance(value, type(default))
+        if not ok:
+            raise ValueError(
+                f"option {key} of {name} takes a {type(default).__name__} "
+                f"(default {default!r}), not {value!r}"
+            )
+        overrides[key] = value
     return asdict(spec.config_class(**{**spec.fixed, **overrides}))
 
 

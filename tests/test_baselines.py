@@ -74,6 +74,15 @@ def test_make_config_is_full_and_strict(name: str) -> None:
     assert make_config(name, {"max_seq_len": 7})["max_seq_len"] == 7
     with pytest.raises(ValueError, match="unknown option"):
         make_config(name, {"no_such_option": 1})
+    # A value of the wrong type (`--set max_seq_len=abc`) is refused by name, not deep in
+    # the model's constructor; an int where a float is expected is taken as that float.
+    with pytest.raises(ValueError, match="max_seq_len of .* takes a int"):
+        make_config(name, {"max_seq_len": "abc"})
+    with pytest.raises(ValueError, match="takes a int"):
+        make_config(name, {"max_seq_len": True})
+    floats = [k for k, v in config.items() if isinstance(v, float)]
+    if floats:
+        assert make_config(name, {floats[0]: 1})[floats[0]] == 1.0
     # The variant's defining overrides are part of its config, and a config round-trips.
     for key, value in MODELS[name].fixed.items():
         assert config[key] == value
