@@ -684,6 +684,10 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(ping(args.socket))
     if args.artifacts is None:
         parser.error("--artifacts is required to serve")
+    if args.exact_tail < 1:
+        parser.error(f"--exact-tail must be >= 1, got {args.exact_tail}")
+    if not args.parity_tol > 0:  # also refuses nan
+        parser.error(f"--parity-tol must be > 0, got {args.parity_tol}")
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
     device = args.device

@@ -194,9 +194,9 @@ class TowerWorkerChild:
         if health is None:
             return "stopping"
         log.info(
-            "tower worker pid %d ready on %s: %s path=%s device=%s",
+            "tower worker pid %d ready on %s: %s path=%s precision=%s device=%s",
             proc.pid, self.socket_path, health.get("versions"), health.get("path"),
-            health.get("device"),
+            health.get("precision"), health.get("device"),
         )  # fmt: skip
         return None
 

@@ -223,6 +223,22 @@ def test_tf32_steps_that_miss_parity_fall_back_to_tf32x3(deployment: Path) -> No
         fused.stop()
 
 
+@pytest.mark.parametrize(
+    ("option", "value"), [("--exact-tail", "0"), ("--parity-tol", "0"), ("--parity-tol", "nan")]
+)
+def test_bad_precision_options_are_refused(
+    deployment: Path, option: str, value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from model.tower_worker import main
+
+    sock = Path(tempfile.mkdtemp(prefix="t2tw-", dir="/tmp")) / "tower.sock"
+    with pytest.raises(SystemExit) as exc:
+        main(["--artifacts", str(deployment / "artifacts" / "tw-a"), "--socket", str(sock),
+              option, value])  # fmt: skip
+    assert exc.value.code == 2 and option in capsys.readouterr().err
+    assert not sock.exists()  # refused before anything was loaded or bound
+
+
 # --------------------------------------------------------------------------- the service
 
 
