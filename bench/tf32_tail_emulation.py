@@ -47,6 +47,7 @@ from gpu_tower import _Path  # noqa: E402  (bench/gpu_tower.py: the evaluator's 
 
 import model.fast_tower as fast_tower  # noqa: E402
 from model.base import Batch  # noqa: E402
+from model.fused_tower import _round_tf32_host as round_tf32  # noqa: E402  (the kernel's)
 from model.harness import DeviceSequences, evaluate  # noqa: E402
 from model.train import load_run  # noqa: E402
 
@@ -56,12 +57,6 @@ TF32_DROPPED_BITS = 0x1FFF  # float32 mantissa bits a tf32 operand does not have
 def truncate_tf32(values: torch.Tensor) -> torch.Tensor:
     bits = values.contiguous().view(torch.int32)
     return (bits & ~TF32_DROPPED_BITS).view(torch.float32)
-
-
-def round_tf32(values: torch.Tensor) -> torch.Tensor:
-    """Nearest tf32, ties away from zero (the kernel's ``_round_tf32``)."""
-    bits = values.contiguous().view(torch.int32)
-    return ((bits + 0x1000) & ~TF32_DROPPED_BITS).view(torch.float32)
 
 
 class RoundingTorch:
@@ -135,6 +130,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--schemes", default="trunc,trunc:5,rna,rna:5")
     parser.add_argument("--splits", default="valid,test")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--users",
+        type=int,
+        default=0,
+        help="only the first N test users' max |diff| per scheme (no ranking)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     run = load_run(args.run, "cpu")
@@ -147,8 +148,18 @@ def main(argv: list[str] | None = None) -> int:
     # The evaluator's noise (model.harness.rank_targets, noise_seed 0).
     noise = torch.randn(model.noise_shape, generator=torch.Generator().manual_seed(0))
     results: dict[str, Any] = {"run": str(args.run), "schemes": {}}
+    if args.users:
+        batch = sequences.batch(torch.as_tensor(run.split.test_targets[: args.users]), max_len)
+        with torch.no_grad():
+            reference = model.user_embedding(batch, noise)
+            for scheme in args.schemes.split(","):
+                mode, _, tail = scheme.partition(":")
+                path = emulated_path(model, proxy, mode, int(tail or 0))
+                diff = float((path(batch, noise) - reference).abs().max())
+                results["schemes"][scheme] = {f"first{args.users}_test_max_diff": diff}
+                print(f"{scheme}: first {args.users} test users max |emb diff| {diff:.2e}")
     with torch.no_grad():
-        for split in args.splits.split(","):
+        for split in args.splits.split(",") if not args.users else []:
             targets = getattr(run.split, f"{split}_targets")
             reference = evaluate(model, sequences, targets, max_len)
             results[f"reference_{split}"] = reference

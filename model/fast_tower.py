@@ -243,7 +243,8 @@ class FastUNetSteps(nn.Module):
                 "c0_bout_pos", (c0.double()[:, None, None] * (b_out.double() + out_off)).float()
             )  # [T, L, d]: c0_bout with the last block's carried bias
             self.register_buffer("out_b_last_pos", (b_out.double() + out_off[-1]).float())
-            self._build_pad_rows(mode)
+            if pad_rows:  # the plain layout's users (the fused kernel) never read them
+                self._build_pad_rows(mode)
         self.pad_rows = pad_rows
 
     def _build(
