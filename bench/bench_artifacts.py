@@ -9,7 +9,12 @@ and timed per call after a warm-up; the exports are interleaved call by call (al
 their order), so a noisy neighbour slows all of them alike and their ratios hold.  Prints
 p50/p95/p99 per call, samples/s (from the p50), the median thread CPU time per call and
 the machine's load average.  The CPU time is what the call costs when its core is not
-taken away: the runner's one-thread session computes on the calling thread.
+taken away: the runner's one-thread session computes on the calling thread (the
+yardstick's session keeps its own default of 2 intra-op threads, so its CPU time is not
+comparable).
+
+``--yardstick ../shared/bench/tower_yardstick.py`` adds the yardstick's ONNX Runtime tower
+(``--yardstick-widths``, d = 64, T = 50) to the same interleaved loop.
 """
 
 from __future__ import annotations
@@ -18,7 +23,10 @@ import argparse
 import csv
 import os
 import sys
+import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +38,52 @@ HEADER = ["machine", "artifacts", "model", "steps", "batch", "p50_ms", "p95_ms",
           "samples_per_s", "loadavg_1m", "cpu_p50_ms"]  # fmt: skip
 
 
+@dataclass
+class Timed:
+    """One thing timed in the interleaved loop: ``prepare(batch)`` returns its call."""
+
+    name: str
+    model: str
+    steps: object
+    prepare: Callable[[int], Callable[[], object]]
+
+
+def export_entry(path: Path, rng: np.random.Generator) -> Timed:
+    """An export as the service runs it: ``UserTowerRunner`` on random full histories."""
+    runner = UserTowerRunner(path)
+
+    def prepare(batch: int) -> Callable[[], object]:
+        tokens = rng.integers(1, runner.num_items + 1, (batch, runner.max_seq_len)).tolist()
+        stamps = np.sort(rng.uniform(0, 1e6, (batch, runner.max_seq_len)), axis=1).tolist()
+        return lambda: runner.embed_tokens(tokens, stamps, 1e6)
+
+    return Timed(path.name, runner.model_name, runner.manifest.get("diffusion_steps"), prepare)
+
+
+def yardstick_entries(path: Path, widths: list[int], seed: int, workdir: Path) -> list[Timed]:
+    """``../shared/bench/tower_yardstick.py`` on ONNX Runtime as it runs itself (its own
+    export and session options; d = 64, T = 50), at each width: the same yardstick as
+    ``bench_tower.py``'s ``yardstick_ort`` rows, here in the same interleaved loop as the
+    exports, so the ratio holds however fast the host is that day."""
+    from bench.bench_tower import load_yardstick, yardstick_backends  # torch: only here
+    from model.t2diff import T2DiffConfig
+
+    module = load_yardstick(path)
+    if module is None:
+        raise SystemExit(f"no yardstick at {path}")
+    entries = []
+    for width in widths:
+        config = T2DiffConfig(dim=64, unet_width=width, diffusion_steps=50)
+        backend = yardstick_backends(module, f"w{width}", config, workdir, seed)[-1]
+
+        def prepare(batch: int, backend=backend, length=config.max_seq_len) -> Callable[[], object]:  # type: ignore[no-untyped-def]
+            item_seq = np.zeros((batch, length), dtype=np.int64)
+            return backend.prepare(item_seq, item_seq.astype(np.float32))
+
+        entries.append(Timed(backend.name, "yardstick", config.diffusion_steps, prepare))
+    return entries
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("artifacts", nargs="+", type=Path, help="export directories")
@@ -39,39 +93,41 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--machine", default="cpu-2core")
     parser.add_argument("--csv", type=Path, default=None, help="write the rows here")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--yardstick", type=Path, default=None,
+        help="time tower_yardstick.py's ONNX Runtime tower in the same loop (needs torch)",
+    )  # fmt: skip
+    parser.add_argument("--yardstick-widths", default="32", help="comma list")
     args = parser.parse_args(argv)
-    runners = [(path, UserTowerRunner(path)) for path in args.artifacts]
     rng = np.random.default_rng(args.seed)
+    entries = [export_entry(path, rng) for path in args.artifacts]
+    if args.yardstick is not None:
+        widths = [int(w) for w in args.yardstick_widths.split(",") if w]
+        with tempfile.TemporaryDirectory(prefix="t2diff-yardstick-") as workdir:
+            entries += yardstick_entries(args.yardstick, widths, args.seed, Path(workdir))
     rows = []
     for batch in [int(b) for b in args.batches.split(",") if b]:
         runs = max(5, args.runs // batch)
-        inputs = []
-        for _, runner in runners:
-            tokens = rng.integers(1, runner.num_items + 1, (batch, runner.max_seq_len))
-            stamps = np.sort(rng.uniform(0, 1e6, (batch, runner.max_seq_len)), axis=1)
-            inputs.append((tokens.tolist(), stamps.tolist()))
-        for (_, runner), (tokens, stamps) in zip(runners, inputs, strict=True):
+        calls = [entry.prepare(batch) for entry in entries]
+        for call in calls:
             for _ in range(args.warmup):
-                runner.embed_tokens(tokens, stamps, 1e6)
-        times: list[list[float]] = [[] for _ in runners]
-        cpu: list[list[float]] = [[] for _ in runners]
+                call()
+        times: list[list[float]] = [[] for _ in entries]
+        cpu: list[list[float]] = [[] for _ in entries]
         load = os.getloadavg()[0]
-        slots = list(range(len(runners)))
-        for call in range(runs):
-            # alternate the order: no export always runs right after the same neighbour
-            for slot in slots if call % 2 == 0 else slots[::-1]:
-                runner = runners[slot][1]
-                tokens, stamps = inputs[slot]
+        slots = list(range(len(entries)))
+        for index in range(runs):
+            # alternate the order: nothing always runs right after the same neighbour
+            for slot in slots if index % 2 == 0 else slots[::-1]:
                 started, cpu_started = time.perf_counter(), time.thread_time()
-                runner.embed_tokens(tokens, stamps, 1e6)
+                calls[slot]()
                 cpu[slot].append((time.thread_time() - cpu_started) * 1000)
                 times[slot].append((time.perf_counter() - started) * 1000)
-        for (path, runner), sample, cpu_sample in zip(runners, times, cpu, strict=True):
+        for entry, sample, cpu_sample in zip(entries, times, cpu, strict=True):
             p50, p95, p99 = np.percentile(sample, [50, 95, 99])
-            row = [args.machine, path.name, runner.model_name, runner.manifest.get(
-                "diffusion_steps"), batch, f"{p50:.3f}", f"{p95:.3f}", f"{p99:.3f}",
-                f"{batch / p50 * 1000:.1f}", f"{load:.2f}",
-                f"{float(np.median(cpu_sample)):.3f}"]  # fmt: skip
+            row = [args.machine, entry.name, entry.model, entry.steps, batch, f"{p50:.3f}",
+                   f"{p95:.3f}", f"{p99:.3f}", f"{batch / p50 * 1000:.1f}", f"{load:.2f}",
+                   f"{float(np.median(cpu_sample)):.3f}"]  # fmt: skip
             rows.append(row)
             print(dict(zip(HEADER, row, strict=True)), flush=True)
     if args.csv is not None:
