@@ -14,7 +14,9 @@ yardstick's session keeps its own default of 2 intra-op threads, so its CPU time
 comparable).
 
 ``--yardstick ../shared/bench/tower_yardstick.py`` adds the yardstick's ONNX Runtime tower
-(``--yardstick-widths``, d = 64, T = 50) to the same interleaved loop.
+(``--yardstick-widths``, d = 64, T = 50) to the same run: timed right after the exports at
+each batch size, the yardsticks interleaved with each other.  ``--eager`` adds PyTorch eager
+on each export's own checkpoint (``user_tower.pt``), likewise in a block of its own.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from contracts.manifest import ArtifactError  # noqa: E402
+from contracts.tower import make_noise  # noqa: E402
 from service.tower import UserTowerRunner  # noqa: E402
 
 HEADER = ["machine", "artifacts", "model", "steps", "batch", "p50_ms", "p95_ms", "p99_ms",
@@ -46,6 +50,7 @@ class Timed:
     model: str
     steps: object
     prepare: Callable[[int], Callable[[], object]]
+    group: str = "export"  # timed interleaved with the entries of its own group only
 
 
 def export_entry(path: Path, rng: np.random.Generator) -> Timed:
@@ -60,10 +65,36 @@ def export_entry(path: Path, rng: np.random.Generator) -> Timed:
     return Timed(path.name, runner.model_name, runner.manifest.get("diffusion_steps"), prepare)
 
 
+def eager_entry(path: Path, rng: np.random.Generator) -> Timed:
+    """PyTorch eager on the export's own checkpoint (``user_tower.pt``): the reference the
+    issue's "x eager at batch 64" target is measured against (torch's default threads)."""
+    import torch  # only here: the serving path never imports it
+
+    from model.base import Batch
+    from model.tower_worker import load_checkpoint
+
+    manifest, model = load_checkpoint(path)
+    noise = torch.from_numpy(make_noise(manifest["noise_shape"], manifest["noise_seed"]))
+    length, n_items = int(manifest["max_seq_len"]), int(manifest["num_items"])
+
+    def prepare(batch: int) -> Callable[[], object]:
+        item_seq = torch.from_numpy(rng.integers(1, n_items + 1, (batch, length)))
+        time_lag = torch.from_numpy(rng.uniform(0, 1e5, (batch, length)).astype(np.float32))
+
+        def call() -> object:
+            with torch.inference_mode():
+                return model.user_embedding(Batch(item_seq, time_lag), noise)
+
+        return call
+
+    steps = manifest.get("diffusion_steps")
+    return Timed(f"{path.name}-eager", f"{manifest['model_name']}-eager", steps, prepare, "eager")
+
+
 def yardstick_entries(path: Path, widths: list[int], seed: int, workdir: Path) -> list[Timed]:
     """``../shared/bench/tower_yardstick.py`` on ONNX Runtime as it runs itself (its own
     export and session options; d = 64, T = 50), at each width: the same yardstick as
-    ``bench_tower.py``'s ``yardstick_ort`` rows, here in the same interleaved loop as the
+    ``bench_tower.py``'s ``yardstick_ort`` rows, here in the same run as the
     exports, so the ratio holds however fast the host is that day."""
     from bench.bench_tower import load_yardstick, yardstick_backends  # torch: only here
     from model.t2diff import T2DiffConfig
@@ -80,8 +111,39 @@ def yardstick_entries(path: Path, widths: list[int], seed: int, workdir: Path) -
             item_seq = np.zeros((batch, length), dtype=np.int64)
             return backend.prepare(item_seq, item_seq.astype(np.float32))
 
-        entries.append(Timed(backend.name, "yardstick", config.diffusion_steps, prepare))
+        entries.append(
+            Timed(backend.name, "yardstick", config.diffusion_steps, prepare, "yardstick")
+        )
     return entries
+
+
+def time_interleaved(group: list[Timed], batch: int, args: argparse.Namespace) -> list[list]:
+    """Time ``group``'s calls at ``batch``, call by call in alternating order; one row each."""
+    runs = max(5, args.runs // batch)
+    calls = [entry.prepare(batch) for entry in group]
+    for call in calls:
+        for _ in range(args.warmup):
+            call()
+    times: list[list[float]] = [[] for _ in group]
+    cpu: list[list[float]] = [[] for _ in group]
+    load = os.getloadavg()[0]
+    slots = list(range(len(group)))
+    for index in range(runs):
+        # alternate the order: nothing always runs right after the same neighbour
+        for slot in slots if index % 2 == 0 else slots[::-1]:
+            started, cpu_started = time.perf_counter(), time.thread_time()
+            calls[slot]()
+            cpu[slot].append((time.thread_time() - cpu_started) * 1000)
+            times[slot].append((time.perf_counter() - started) * 1000)
+    rows = []
+    for entry, sample, cpu_sample in zip(group, times, cpu, strict=True):
+        p50, p95, p99 = np.percentile(sample, [50, 95, 99])
+        row = [args.machine, entry.name, entry.model, entry.steps, batch, f"{p50:.3f}",
+               f"{p95:.3f}", f"{p99:.3f}", f"{batch / p50 * 1000:.1f}", f"{load:.2f}",
+               f"{float(np.median(cpu_sample)):.3f}"]  # fmt: skip
+        rows.append(row)
+        print(dict(zip(HEADER, row, strict=True)), flush=True)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,38 +160,31 @@ def main(argv: list[str] | None = None) -> int:
         help="time tower_yardstick.py's ONNX Runtime tower in the same loop (needs torch)",
     )  # fmt: skip
     parser.add_argument("--yardstick-widths", default="32", help="comma list")
+    parser.add_argument(
+        "--eager", action="store_true",
+        help="also PyTorch eager on each export's user_tower.pt (needs torch)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     rng = np.random.default_rng(args.seed)
     entries = [export_entry(path, rng) for path in args.artifacts]
+    for path in args.artifacts if args.eager else ():
+        try:
+            entries.append(eager_entry(path, rng))
+        except ArtifactError as exc:  # an export made before exports carried user_tower.pt
+            print(f"no eager row for {path.name}: {exc}", flush=True)
     if args.yardstick is not None:
         widths = [int(w) for w in args.yardstick_widths.split(",") if w]
         with tempfile.TemporaryDirectory(prefix="t2diff-yardstick-") as workdir:
             entries += yardstick_entries(args.yardstick, widths, args.seed, Path(workdir))
+    # The exports interleave with each other, eager and the yardsticks each among their
+    # own, in blocks per batch size: the yardstick's session keeps ORT's default thread
+    # pool (2 threads that spin after each call) and eager torch's 2 threads, either of
+    # which would take the second core from a one-thread export timed right after it.
+    groups = [[e for e in entries if e.group == g] for g in ("export", "eager", "yardstick")]
     rows = []
     for batch in [int(b) for b in args.batches.split(",") if b]:
-        runs = max(5, args.runs // batch)
-        calls = [entry.prepare(batch) for entry in entries]
-        for call in calls:
-            for _ in range(args.warmup):
-                call()
-        times: list[list[float]] = [[] for _ in entries]
-        cpu: list[list[float]] = [[] for _ in entries]
-        load = os.getloadavg()[0]
-        slots = list(range(len(entries)))
-        for index in range(runs):
-            # alternate the order: nothing always runs right after the same neighbour
-            for slot in slots if index % 2 == 0 else slots[::-1]:
-                started, cpu_started = time.perf_counter(), time.thread_time()
-                calls[slot]()
-                cpu[slot].append((time.thread_time() - cpu_started) * 1000)
-                times[slot].append((time.perf_counter() - started) * 1000)
-        for entry, sample, cpu_sample in zip(entries, times, cpu, strict=True):
-            p50, p95, p99 = np.percentile(sample, [50, 95, 99])
-            row = [args.machine, entry.name, entry.model, entry.steps, batch, f"{p50:.3f}",
-                   f"{p95:.3f}", f"{p99:.3f}", f"{batch / p50 * 1000:.1f}", f"{load:.2f}",
-                   f"{float(np.median(cpu_sample)):.3f}"]  # fmt: skip
-            rows.append(row)
-            print(dict(zip(HEADER, row, strict=True)), flush=True)
+        for group in (g for g in groups if g):
+            rows += time_interleaved(group, batch, args)
     if args.csv is not None:
         args.csv.parent.mkdir(parents=True, exist_ok=True)
         with args.csv.open("w", newline="") as handle:

@@ -28,21 +28,26 @@ def _rows(path: Path) -> list[dict[str, str]]:
     return [dict(zip(rows[0], row, strict=True)) for row in rows[1:]]
 
 
-def test_exports_are_timed_per_batch(tmp_path: Path) -> None:
+def test_exports_and_eager_are_timed_per_batch(tmp_path: Path) -> None:
     export = export_tiny_t2diff(
-        tmp_path / "tiny", perturbed_t2diff(TINY, 1), "v1", noise_seed=0, item_name=str
-    )
+        tmp_path / "tiny", perturbed_t2diff(TINY, 1), "v1", noise_seed=0, item_name=str,
+        torch_tower=True,
+    )  # fmt: skip
     out = tmp_path / "rows.csv"
-    argv = [str(export), "--batches", "1,2", "--runs", "4", "--warmup", "1", "--csv", str(out)]
+    argv = [str(export), "--batches", "1,2", "--runs", "4", "--warmup", "1", "--csv", str(out),
+            "--eager"]  # fmt: skip
     assert bench_artifacts.main(argv) == 0
     rows = _rows(out)
-    assert [(r["artifacts"], r["batch"]) for r in rows] == [("tiny", "1"), ("tiny", "2")]
+    assert [(r["artifacts"], r["model"], r["batch"]) for r in rows] == [
+        ("tiny", "t2diff", "1"), ("tiny-eager", "t2diff-eager", "1"),
+        ("tiny", "t2diff", "2"), ("tiny-eager", "t2diff-eager", "2"),
+    ]  # fmt: skip
     for row in rows:
-        assert row["model"] == "t2diff" and row["steps"] == "3"
+        assert row["steps"] == "3"
         assert 0 < float(row["p50_ms"]) <= float(row["p95_ms"]) <= float(row["p99_ms"])
 
 
-def test_the_yardstick_runs_in_the_same_loop(tmp_path: Path) -> None:
+def test_the_yardstick_runs_in_the_same_run(tmp_path: Path) -> None:
     if not YARDSTICK.is_file():
         pytest.skip(f"the yardstick is not at {YARDSTICK} (../shared absent)")
     export = export_tiny_t2diff(
