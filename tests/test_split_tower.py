@@ -114,6 +114,8 @@ def test_onnx_split_equals_the_single_graph(split_export: Path) -> None:
     split = UserTowerRunner(split_export)
     cached = UserTowerRunner(split_export, xhat_cache_size=1000)
     assert split.split and split.xhat_cache is None and cached.xhat_cache is not None
+    # the single graph serves nothing here: opened only when asked for (below)
+    assert split._session is None and cached._session is None
     rng = np.random.default_rng(3)
     for batch in (1, 3, 8):
         tokens, stamps = _sequences(rng, batch, 12)
