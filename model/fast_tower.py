@@ -407,60 +407,14 @@ class FastUNetSteps(nn.Module):
 
     # ------------------------------------------------------------------ one step
 
-    @staticmethod
-    def _tail(spec: nn.Module, pre: torch.Tensor, bias: torch.Tensor, t: int) -> torch.Tensor:
-        """norm1(pre + bias) -> SiLU -> conv2 (+ folded bias and step bias) -> norm2 -> SiLU."""
-        h = F.silu(F.layer_norm(pre + bias, spec.g1.shape, spec.g1, spec.be1, spec.eps[0]))
-        h = torch.matmul(spec.im2(h), spec.w2) + spec.c2[t]
-        return F.silu(F.layer_norm(h, spec.g2.shape, spec.g2, spec.be2, spec.eps[1]))
-
-    def _block(self, spec: nn.Module, x_in: torch.Tensor, t: int) -> torch.Tensor:
-        """The block's output less its offset (``_fold_offsets``): no bias on the residual."""
-        pre = torch.matmul(spec.im1(x_in), spec.w1)
-        return self._tail(spec, pre, spec.b1_pos, t) + torch.matmul(x_in, spec.ws)
-
     def _unet(
         self, zt: torch.Tensor, cond: torch.Tensor, skip_x: torch.Tensor, t: int
     ) -> torch.Tensor:
         """The U-Net's last hidden layer ``[B, L, w0]`` (before the output 1x1 conv), less
         the last block's offset (folded into ``c0_bout_pos`` and ``out_b_last_pos``)."""
         # cond is [B, L, w0]; the z_t product is [1, L, w0] at the first step (shared noise)
-        h = self._tail(self.first, cond, torch.matmul(self.im_z(zt), self.w_z), t)
-        h = h + (torch.matmul(zt, self.skip_z) + skip_x)
-        skips = [h]
-        for spec in self.down_blocks:
-            h = self._block(spec, torch.matmul(spec.pool, h), t)
-            skips.append(h)
-        skips.pop()
-        for spec in self.up_blocks:
-            x_in = torch.cat([h.index_select(1, spec.up), skips.pop()], dim=2)
-            h = self._block(spec, x_in, t)
-        return h
-
-    @staticmethod
-    def _conv(
-        im: _PaddedIm2col,
-        x: torch.Tensor,
-        weight: torch.Tensor,
-        spec: nn.Module,
-        bias: str,
-        owed: list[tuple[nn.Module, str, torch.Tensor]] | None,
-    ) -> torch.Tensor:
-        """``im2col(x) @ weight``; while building, note the boundary term ``spec.bias`` owes."""
-        if owed is not None:
-            owed.append((spec, bias, im.boundary(x[0, -1], weight)))
-        return torch.matmul(im(x), weight)
-
-    def _tail_p(
-        self,
-        spec: nn.Module,
-        pre: torch.Tensor,
-        t: int,
-        owed: list[tuple[nn.Module, str, torch.Tensor]] | None,
-    ) -> torch.Tensor:
-        h = F.silu(F.layer_norm(pre, spec.g1.shape, spec.g1, spec.be1, spec.eps[0]))
-        h = self._conv(spec.pim2, h, spec.w2, spec, "c2p", owed) + spec.c2p[t]
-        return F.silu(F.layer_norm(h, spec.g2.shape, spec.g2, spec.be2, spec.eps[1]))
+        pre = cond + torch.matmul(self.im_z(zt), self.w_z)
+        return self._walk(pre, torch.matmul(zt, self.skip_z) + skip_x, t, padded=False)
 
     def _unet_p(
         self,
@@ -476,29 +430,55 @@ class FastUNetSteps(nn.Module):
         """
         # z_t's pad row is zero (up to rounding), so the z_t convolution owes nothing
         pre = cond + torch.matmul(self.pim_z(zt), self.w_z)
-        return self._unet_after_state(pre, torch.matmul(zt, self.skip_z) + skip_x, t, owed)
+        skip = torch.matmul(zt, self.skip_z) + skip_x
+        return self._walk(pre, skip, t, padded=True, owed=owed)
 
-    def _unet_after_state(
+    def _walk(
         self,
         pre: torch.Tensor,
         skip: torch.Tensor,
         t: int,
+        padded: bool,
         owed: list[tuple[nn.Module, str, torch.Tensor]] | None = None,
     ) -> torch.Tensor:
-        """``_unet_p`` from the first block's conv1 output ``pre`` and residual ``skip``
-        (the two places ``z_t`` enters)."""
-        h = self._tail_p(self.first, pre, t, owed) + skip
+        """The U-Net from the first block's conv1 output ``pre`` (its bias included) and
+        residual ``skip``, the two places ``z_t`` enters, in either layout: the plain one
+        (``_Im2col``, per-position biases ``b1_pos`` / ``c2``) or the pad-row one
+        (``_PaddedIm2col``, ``b1p`` / ``c2p``, pooling and upsampling maps with pad rows).
+
+        Each block's output is less its offset (``_fold_offsets``): no bias on a residual.
+        ``owed`` (pad-row layout, building only) collects the boundary terms of the
+        gather-mode convolutions: what reading a source's pad row adds, per bias.
+        """
+
+        def conv(
+            spec: nn.Module, which: str, x: torch.Tensor, weight: torch.Tensor
+        ) -> torch.Tensor:
+            im = getattr(spec, f"pim{which}" if padded else f"im{which}")
+            if owed is not None:
+                owed.append((spec, "b1p" if which == "1" else "c2p", im.boundary(x[0, -1], weight)))
+            return torch.matmul(im(x), weight)
+
+        def tail(spec: nn.Module, pre: torch.Tensor) -> torch.Tensor:
+            """norm1 -> SiLU -> conv2 (+ folded bias and step bias) -> norm2 -> SiLU."""
+            h = F.silu(F.layer_norm(pre, spec.g1.shape, spec.g1, spec.be1, spec.eps[0]))
+            h = conv(spec, "2", h, spec.w2) + (spec.c2p if padded else spec.c2)[t]
+            return F.silu(F.layer_norm(h, spec.g2.shape, spec.g2, spec.be2, spec.eps[1]))
+
+        def block(spec: nn.Module, x_in: torch.Tensor) -> torch.Tensor:
+            pre = conv(spec, "1", x_in, spec.w1) + (spec.b1p if padded else spec.b1_pos)
+            return tail(spec, pre) + torch.matmul(x_in, spec.ws)
+
+        h = tail(self.first, pre) + skip
         skips = [h]
         for spec in self.down_blocks:
-            x_in = torch.matmul(spec.ppool, h)  # pad row exactly zero
-            pre = self._conv(spec.pim1, x_in, spec.w1, spec, "b1p", owed) + spec.b1p
-            h = self._tail_p(spec, pre, t, owed) + torch.matmul(x_in, spec.ws)
+            # in the pad-row layout the pooled pad row is exactly zero
+            h = block(spec, torch.matmul(spec.ppool if padded else spec.pool, h))
             skips.append(h)
         skips.pop()
         for spec in self.up_blocks:
-            x_in = torch.cat([h.index_select(1, spec.pup), skips.pop()], dim=2)
-            pre = self._conv(spec.pim1, x_in, spec.w1, spec, "b1p", owed) + spec.b1p
-            h = self._tail_p(spec, pre, t, owed) + torch.matmul(x_in, spec.ws)
+            up = spec.pup if padded else spec.up
+            h = block(spec, torch.cat([h.index_select(1, up), skips.pop()], dim=2))
         return h
 
     def forward(self, x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -532,10 +512,10 @@ class FastUNetSteps(nn.Module):
         q = torch.matmul(self.pim_z(z_first), self.w_q) + cond  # [B, L + 1, 2 w0]
         for t in range(self.steps - 1, 0, -1):
             pre, skip = q.split([w0, w0], dim=2)
-            h = self._unet_after_state(pre, skip, t)
+            h = self._walk(pre, skip, t, padded=True)
             q = torch.matmul(self.first.pim2(h), self.q_w[t]) + self.ct[t] * q + k[t - 1]
         pre, skip = q.split([w0, w0], dim=2)
-        return self._readout(self._unet_after_state(pre, skip, 0), x)
+        return self._readout(self._walk(pre, skip, 0, padded=True), x)
 
     def _readout(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``xhat_{n+1}`` from the last step's hidden layer: ``zhat_0`` at the newest
