@@ -36,8 +36,7 @@ After ``bad_frame`` the worker closes the connection (the stream cannot be trust
 
 Sending and reading: :func:`send_frame` (one ``sendmsg`` of the header and the arrays' own
 memory) and :class:`FrameReader` (a connection's buffered reader) are what the worker and
-the service's client use; :func:`encode` / :func:`read_frame` give and read the same bytes
-one frame at a time.
+the service's client use; :func:`encode` gives the same bytes as one ``bytes`` object.
 
 Waiting for a frame: a :class:`FrameReader` with ``spin_us`` > 0 first busy-polls the
 socket for up to that long, then blocks as before (see ``FrameReader._spin``: why, and
@@ -215,19 +214,6 @@ def send_frame(
     send_parts(sock, *frame_parts(header, arrays))
 
 
-def _recv_exact(sock: socket.socket, size: int, started: bool) -> bytes:
-    buffer = bytearray(size)
-    view = memoryview(buffer)
-    got = 0
-    while got < size:
-        n = sock.recv_into(view[got:], size - got)
-        if n == 0:
-            where = "mid-frame" if started or got else "between frames"
-            raise PeerClosed(f"connection closed {where}")
-        got += n
-    return bytes(buffer)
-
-
 def _check_prefix(magic: bytes, head_len: int, payload_len: int, max_payload: int) -> None:
     if magic != MAGIC:
         raise FrameError(f"bad magic {magic!r}")
@@ -287,21 +273,6 @@ def _arrays(
                                      offset=offset).reshape(shape)  # fmt: skip
         offset += size
     return arrays
-
-
-def read_frame(
-    sock: socket.socket, max_payload: int = DEFAULT_MAX_PAYLOAD
-) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """The next frame from ``sock``: (header, {name: array}).  Raises :class:`PeerClosed`
-    when the peer is gone, :class:`FrameError` when the bytes break the format.
-
-    Reads exactly one frame's bytes (three ``recv`` calls at least); a connection that
-    reads many frames uses a :class:`FrameReader` instead (one ``recv`` per frame)."""
-    magic, head_len, payload_len = PREFIX.unpack(_recv_exact(sock, PREFIX.size, False))
-    _check_prefix(magic, head_len, payload_len, max_payload)
-    header, layout = _parse_header(_recv_exact(sock, head_len, True), payload_len)
-    payload = _recv_exact(sock, payload_len, True) if payload_len else b""
-    return header, _arrays(payload, layout)
 
 
 class FrameReader:
@@ -425,7 +396,8 @@ class FrameReader:
         self._end += got
 
     def read(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        """The next frame: (header, {name: array}); raises as :func:`read_frame`."""
+        """The next frame: (header, {name: array}).  Raises :class:`PeerClosed` when the
+        peer is gone, :class:`FrameError` when the bytes break the format."""
         if self.spin_ns and self._start == self._end:
             self._spin()
         self._fill(PREFIX.size, False)

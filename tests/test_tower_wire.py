@@ -1,6 +1,6 @@
 """The tower worker's wire format on real sockets: one ``sendmsg`` per frame
 (``send_frame``), the buffered reader (``FrameReader``) and its header cache, against the
-plain ``encode`` / ``read_frame`` of the same bytes."""
+plain ``encode`` of the same bytes."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def test_send_frame_is_the_encoded_frame() -> None:
         wire.send_frame(a, {"op": "t"}, arrays)
         frame = wire.encode({"op": "t"}, arrays)
         assert b.recv(len(frame) + 10) == frame
-        header, got = wire.read_frame(_feed(frame))
+        header, got = wire.FrameReader(_feed(frame)).read()
         assert header["op"] == "t"
         for name, array in arrays:
             assert np.array_equal(got[name], np.asarray(array)), name

@@ -412,10 +412,11 @@ def _raw(sock_path: Path, data: bytes) -> tuple[dict, dict, bool]:
         sock.settimeout(30)
         sock.connect(str(sock_path))
         sock.sendall(data)
-        header, arrays = wire.read_frame(sock)
+        reader = wire.FrameReader(sock)
+        header, arrays = reader.read()
         try:
             sock.sendall(wire.encode({"op": "health"}))
-            wire.read_frame(sock)
+            reader.read()
             closed = False
         except (wire.PeerClosed, BrokenPipeError, ConnectionResetError):
             closed = True
@@ -489,13 +490,14 @@ def test_wire_round_trip() -> None:
         arrays = [("x", np.arange(6, dtype=np.int64).reshape(2, 3)),
                   ("y", np.ones((0, 4), np.float32)), ("z", np.float32(2.5).reshape(()))]  # fmt: skip
         a.sendall(wire.encode({"op": "t", "n": 1}, arrays))
-        header, got = wire.read_frame(b)
+        reader = wire.FrameReader(b)
+        header, got = reader.read()
         assert header["op"] == "t" and header["n"] == 1
         for name, array in arrays:
             assert got[name].dtype == array.dtype and np.array_equal(got[name], array)
         a.close()
         with pytest.raises(wire.PeerClosed):
-            wire.read_frame(b)
+            reader.read()
     with pytest.raises(ValueError, match="not allowed"):
         wire.encode({}, [("x", np.zeros(2, np.float64))])
     assert struct.calcsize(">4sIQ") == wire.PREFIX.size
