@@ -34,7 +34,13 @@ KINDS: dict[str, list[tuple[str, list[str], dict[str, object], str]]] = {
     # the plain layout's im2col padding: Pad + Gather (less gather_rows: the Pad)
     "pad_gather": [("Pad", ["pads"], {}, ""), ("Gather", ["perm"], {"axis": 1}, "")],
     "gather_rows": [("Gather", ["perm"], {"axis": 1}, "")],
+    # a convolution's product and its per-position bias, as the export runs them ([B, L, C]:
+    # ORT leaves MatMul + Add) and as one Gemm would on a 2-D B = 1 activation ([L, C]:
+    # ORT's MatMulAddFusion makes that pair one Gemm; 3-D inputs are not fused)
+    "matmul_bias": [("MatMul", ["w"], {}, ""), ("Add", ["bias_lc"], {}, "")],
+    "gemm_bias_2d": [("Gemm", ["w", "bias_lc"], {}, "")],
 }
+TWO_D = {"gemm_bias_2d"}  # chains on a [L, C] input: timed at B = 1 only
 
 
 def _chain(kind: str, length: int, channels: int, chain: int) -> ort.InferenceSession:
@@ -59,7 +65,13 @@ def _chain(kind: str, length: int, channels: int, chain: int) -> ort.InferenceSe
     graph = helper.make_graph(
         nodes,
         kind,
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", length, channels])],
+        [
+            helper.make_tensor_value_info(
+                "x",
+                TensorProto.FLOAT,
+                [length, channels] if kind in TWO_D else ["B", length, channels],
+            )
+        ],  # fmt: skip
         [helper.make_tensor_value_info(current, TensorProto.FLOAT, None)],
         [numpy_helper.from_array(v, k) for k, v in consts.items() if k in used],
     )
@@ -87,14 +99,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=30)
     args = parser.parse_args(argv)
     for batch in [int(b) for b in args.batches.split(",") if b]:
-        sessions = {k: _chain(k, args.length, args.channels, args.chain) for k in KINDS}
+        kinds = [k for k in KINDS if batch == 1 or k not in TWO_D]
+        sessions = {k: _chain(k, args.length, args.channels, args.chain) for k in kinds}
         x = np.random.default_rng(1).standard_normal((batch, args.length, args.channels))
         feed = {"x": x.astype(np.float32)}
         cpu: dict[str, list[float]] = {k: [] for k in sessions}
         for call in range(args.runs + 3):
             for kind, session in sessions.items():
                 started = time.thread_time()
-                session.run(None, feed)
+                session.run(None, {"x": feed["x"][0]} if kind in TWO_D else feed)
                 if call >= 3:  # warm-up
                     cpu[kind].append(time.thread_time() - started)
         cost = {k: float(np.median(v)) / args.chain * 1e6 for k, v in cpu.items()}
