@@ -2,9 +2,13 @@
 with micro-batching on and off, at 1, 8 and 64 concurrent clients.
 
     .venv/bin/python bench/bench_service.py [--seconds 5] [--items 20000] [--out FILE.md]
+    .venv/bin/python bench/bench_service.py --artifacts EXPORT [--seconds 10]
 
 It builds a synthetic user-tower export (the tests' mean-pool ONNX graph over a clustered
-item table, ``tests/service_fixtures.py``) and its FAISS index with the project's builder,
+item table, ``tests/service_fixtures.py``), or takes a real one (``--artifacts``: e.g. the
+T2Diff tower of ``t2diff export``, whose 50-step reverse process is what batching is for;
+its sessions use the export's own item ids, and the xhat cache is off so every request runs
+the tower), builds its FAISS index with the project's builder,
 starts a private ``redis-server`` with one warm session per user, then for each setting
 starts ``python -m service.server`` (one worker, settings from ``T2DIFF_*``) and drives it
 with httpx async clients in this process.  Reports p50/p95/p99 latency seen by the client,
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import random
 import shutil
 import sys
@@ -33,6 +38,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from service_fixtures import build_tiny_export, build_tiny_index, item_id  # noqa: E402
 
+from contracts.manifest import ITEM_IDS_FILE  # noqa: E402
 from contracts.sessions import encode_event, session_key  # noqa: E402
 from t2diff_cli.local_stack import (  # noqa: E402
     RedisServer,
@@ -45,17 +51,16 @@ CONCURRENCY = (1, 8, 64)
 SETTINGS = {"on": {"T2DIFF_MAX_BATCH": "64", "T2DIFF_BATCH_WAIT_MS": "2"}, "off": {"T2DIFF_MAX_BATCH": "1"}}  # fmt: skip
 
 
-def load_sessions(url: str, users: int, items: int, per_user: int) -> None:
+def load_sessions(url: str, users: int, item_ids: list[str], per_user: int) -> None:
     client = redis.Redis.from_url(url)
     rng = random.Random(0)
     now = time.time()
     with client.pipeline(transaction=False) as pipe:
         for u in range(users):
-            rows = [rng.randrange(items) for _ in range(per_user)]
-            pipe.rpush(
-                session_key(f"u{u}"),
-                *(encode_event(item_id(r), now - 60 * (per_user - n)) for n, r in enumerate(rows)),
-            )
+            rows = [rng.randrange(len(item_ids)) for _ in range(per_user)]
+            events = (encode_event(item_ids[r], now - 60 * (per_user - n))
+                      for n, r in enumerate(rows))  # fmt: skip
+            pipe.rpush(session_key(f"u{u}"), *events)
         pipe.execute()
     client.close()
 
@@ -118,17 +123,23 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=2_000)
     parser.add_argument("--session-len", type=int, default=30)
     parser.add_argument("--out", type=Path, help="also write the markdown table here")
+    parser.add_argument("--artifacts", type=Path, help="a real export instead of the synthetic")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench-service-"))
     try:
-        artifacts = build_tiny_export(
-            work / "artifacts" / "bench", num_items=args.items, dim=args.dim, n_clusters=50,
-            max_seq_len=50, model_version="bench",
-        )  # fmt: skip
+        if args.artifacts is not None:
+            artifacts = args.artifacts.resolve()
+            item_ids = json.loads((artifacts / ITEM_IDS_FILE).read_text(encoding="utf-8"))
+        else:
+            artifacts = build_tiny_export(
+                work / "artifacts" / "bench", num_items=args.items, dim=args.dim, n_clusters=50,
+                max_seq_len=50, model_version="bench",
+            )  # fmt: skip
+            item_ids = [item_id(r) for r in range(args.items)]
         index = build_tiny_index(artifacts, work / "indexes" / "bench")
         with RedisServer() as redis_server:
-            load_sessions(redis_server.url, args.users, args.items, args.session_len)
+            load_sessions(redis_server.url, args.users, item_ids, args.session_len)
             rows = []
             for mode, extra in SETTINGS.items():
                 env = {
@@ -137,6 +148,8 @@ def main() -> None:
                     "T2DIFF_BUDGET_MS": "5000",  # measure latency, not the fallback
                     "T2DIFF_WATCH_INTERVAL_S": "0",
                     "OMP_WAIT_POLICY": "PASSIVE",
+                    # a real tower: every request runs it (no xhat reuse across requests)
+                    **({"T2DIFF_XHAT_CACHE_SIZE": "0"} if args.artifacts is not None else {}),
                     **extra,
                 }
                 with service_process(env, 120, cwd=ROOT, stop_timeout_s=30) as base:
