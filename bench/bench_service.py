@@ -11,7 +11,7 @@ its sessions use the export's own item ids, and the xhat cache is off so every r
 the tower), builds its FAISS index with the project's builder,
 starts a private ``redis-server`` with one warm session per user, then for each setting
 starts ``python -m service.server`` (one worker, settings from ``T2DIFF_*``) and drives it
-with httpx async clients in this process.  Reports p50/p95/p99 latency seen by the client,
+with asyncio clients in this process, one keep-alive connection each (``Connection``).  Reports p50/p95/p99 latency seen by the client,
 requests per second, mean micro-batch size (from ``/metrics``) and degraded answers.
 The client shares the machine's cores with the server: numbers are for comparing settings
 on one machine, not absolute capacity.
@@ -65,34 +65,74 @@ def load_sessions(url: str, users: int, item_ids: list[str], per_user: int) -> N
     client.close()
 
 
-async def drive(base: str, concurrency: int, seconds: float, users: int) -> dict:
+class Connection:
+    """One keep-alive HTTP/1.1 connection over asyncio streams, for the load: POST a JSON
+    body, read the status and the ``Content-Length`` body.
+
+    Why not httpx (which the rest of the project uses): as a load generator on the same 2
+    cores it was the bottleneck. Against ``GET /healthz`` one shared ``AsyncClient`` gave 505
+    requests/s at 8 connections and 78 at 64, a client per connection 574 and 343, and this
+    client 4,767 and 4,531 (2026-11-23, `cpu-2core`): httpx spent ~1.7 ms of CPU per request
+    and its shared pool collapsed at 64 connections, which made the 64-client cells measure
+    httpx rather than the service.
+    """
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, host: str, port: int) -> Connection:
+        return cls(*await asyncio.open_connection(host, port))
+
+    async def post_json(self, path: str, body: dict) -> tuple[int, bytes]:
+        payload = json.dumps(body).encode()
+        self.writer.write(
+            f"POST {path} HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(payload)}\r\n\r\n".encode()
+            + payload
+        )
+        await self.writer.drain()
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        length = next(int(line.split(":", 1)[1]) for line in lines[1:]
+                      if line.lower().startswith("content-length:"))  # fmt: skip
+        return status, await self.reader.readexactly(length)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+async def drive(host: str, port: int, concurrency: int, seconds: float, users: int) -> dict:
     latencies: list[float] = []
     degraded = errors = 0
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=base, limits=limits, timeout=30) as client:
 
-        async def worker(seed: int, until: float, record: bool) -> None:
-            nonlocal degraded, errors
-            rng = random.Random(seed)
+    async def worker(seed: int, until: float, record: bool) -> None:
+        nonlocal degraded, errors
+        rng = random.Random(seed)
+        connection = await Connection.open(host, port)
+        try:
             while time.perf_counter() < until:
                 body = {"user_id": f"u{rng.randrange(users)}", "k": 100}
                 started = time.perf_counter()
-                response = await client.post("/recall", json=body)
+                status, answer = await connection.post_json("/recall", body)
                 elapsed = time.perf_counter() - started
                 if not record:
                     continue
-                if response.status_code != 200:
+                if status != 200:
                     errors += 1
                     continue
                 latencies.append(elapsed)
-                degraded += bool(response.json()["degraded"])
+                degraded += bool(json.loads(answer)["degraded"])
+        finally:
+            connection.close()
 
-        warm_until = time.perf_counter() + 1.0
-        await asyncio.gather(*(worker(n, warm_until, False) for n in range(concurrency)))
-        started = time.perf_counter()
-        until = started + seconds
-        await asyncio.gather(*(worker(1000 + n, until, True) for n in range(concurrency)))
-        wall = time.perf_counter() - started
+    warm_until = time.perf_counter() + 1.0
+    await asyncio.gather(*(worker(n, warm_until, False) for n in range(concurrency)))
+    started = time.perf_counter()
+    until = started + seconds
+    await asyncio.gather(*(worker(1000 + n, until, True) for n in range(concurrency)))
+    wall = time.perf_counter() - started
     ms = np.array(latencies) * 1000
     return {
         "requests": len(latencies),
@@ -155,7 +195,10 @@ def main() -> None:
                 with service_process(env, 120, cwd=ROOT, stop_timeout_s=30) as base:
                     for concurrency in CONCURRENCY:
                         before = batch_stats(base)
-                        result = asyncio.run(drive(base, concurrency, args.seconds, args.users))
+                        port = int(env["T2DIFF_PORT"])
+                        result = asyncio.run(
+                            drive("127.0.0.1", port, concurrency, args.seconds, args.users)
+                        )
                         after = batch_stats(base)
                         batches = after[1] - before[1]
                         result["mean_batch"] = (after[0] - before[0]) / batches if batches else 0.0
