@@ -70,11 +70,11 @@ class Connection:
     body, read the status and the ``Content-Length`` body.
 
     Why not httpx (which the rest of the project uses): as a load generator on the same 2
-    cores it was the bottleneck. Against ``GET /healthz`` one shared ``AsyncClient`` gave 505
-    requests/s at 8 connections and 78 at 64, a client per connection 574 and 343, and this
-    client 4,767 and 4,531 (2026-11-23, `cpu-2core`): httpx spent ~1.7 ms of CPU per request
-    and its shared pool collapsed at 64 connections, which made the 64-client cells measure
-    httpx rather than the service.
+    cores it was the bottleneck. Against ``GET /healthz`` (``bench/http_client_probe.py``,
+    2026-11-23, `cpu-2core`) one shared ``AsyncClient`` gave 292 requests/s at 8 connections
+    and 88 at 64 (p99 3.4 s), a client per connection 485 and 508, and this client 3,691 and
+    3,500: httpx spends ~2 ms of CPU per request and its shared pool collapses at 64
+    connections, which made the 64-client cells measure httpx rather than the service.
     """
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -91,6 +91,13 @@ class Connection:
             f"Content-Length: {len(payload)}\r\n\r\n".encode()
             + payload
         )
+        return await self._answer()
+
+    async def get(self, path: str) -> tuple[int, bytes]:
+        self.writer.write(f"GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n".encode())
+        return await self._answer()
+
+    async def _answer(self) -> tuple[int, bytes]:
         await self.writer.drain()
         head = await self.reader.readuntil(b"\r\n\r\n")
         lines = head.decode("latin-1").split("\r\n")
