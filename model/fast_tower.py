@@ -179,7 +179,9 @@ class _PaddedIm2col(nn.Module):
         if self.mode == "matmul":
             cols = torch.matmul(self.shift, x)
         else:
-            cols = x.index_select(1, self.index)
+            cols = x.index_select(-2, self.index)
+        if x.dim() == 2:  # one sample, no batch axis
+            return cols.reshape(self.length + 1, 3 * self.channels)
         return cols.reshape(-1, self.length + 1, 3 * self.channels)
 
     def boundary(self, pad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -478,7 +480,7 @@ class FastUNetSteps(nn.Module):
         skips.pop()
         for spec in self.up_blocks:
             up = spec.pup if padded else spec.up
-            h = block(spec, torch.cat([h.index_select(1, up), skips.pop()], dim=2))
+            h = block(spec, torch.cat([h.index_select(-2, up), skips.pop()], dim=-1))
         return h
 
     def forward(self, x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -494,7 +496,8 @@ class FastUNetSteps(nn.Module):
         # noise term of every step t > 0: c0_t b_out + sigma_t noise[T - t]; index by t
         flipped = torch.flip(noise[1:], dims=[0])  # flipped[t - 1] = noise[T - t]
         extra = self.c0_bout_pad[1:] + _pad_row(self.sigma[1:] * flipped)  # [T-1, L+1, d]
-        return self._reverse_q(x, _pad_row(noise[:1]), torch.cat([cond, skip_x], dim=2), extra)
+        z_first = _pad_row(noise[0] if x.dim() == 2 else noise[:1])  # broadcast over the batch
+        return self._reverse_q(x, z_first, torch.cat([cond, skip_x], dim=-1), extra)
 
     def _reverse_q(
         self, x: torch.Tensor, z_first: torch.Tensor, cond: torch.Tensor, extra: torch.Tensor
@@ -507,21 +510,23 @@ class FastUNetSteps(nn.Module):
         ``k_t = q(e_t) + (1 - ct_t) cond``, all made by three products before the loop.
         """
         w0 = self.widths[0]
-        ct = torch.tensor(self.ct[1:], dtype=x.dtype)[:, None, None, None]  # [T - 1, 1, 1, 1]
-        k = torch.matmul(self.pim_z(extra), self.w_q)[:, None] + (1.0 - ct) * cond[None]
+        ones = [1] * cond.dim()
+        ct = torch.tensor(self.ct[1:], dtype=x.dtype).reshape(-1, *ones)  # [T - 1, 1, ...]
+        q_e = torch.matmul(self.pim_z(extra), self.w_q)  # [T - 1, L + 1, 2 w0]
+        k = q_e.reshape(q_e.shape[0], *ones[2:], *q_e.shape[1:]) + (1.0 - ct) * cond[None]
         q = torch.matmul(self.pim_z(z_first), self.w_q) + cond  # [B, L + 1, 2 w0]
         for t in range(self.steps - 1, 0, -1):
-            pre, skip = q.split([w0, w0], dim=2)
+            pre, skip = q.split([w0, w0], dim=-1)
             h = self._walk(pre, skip, t, padded=True)
             q = torch.matmul(self.first.pim2(h), self.q_w[t]) + self.ct[t] * q + k[t - 1]
-        pre, skip = q.split([w0, w0], dim=2)
+        pre, skip = q.split([w0, w0], dim=-1)
         return self._readout(self._walk(pre, skip, 0, padded=True), x)
 
     def _readout(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``xhat_{n+1}`` from the last step's hidden layer: ``zhat_0`` at the newest
         position only (plus the drift's history term)."""
-        z0_last = torch.matmul(h[:, self.length - 1], self.out_w_last) + self.out_b_last_pos
-        return z0_last + x[:, self.length - 1] if self.drift else z0_last
+        z0_last = torch.matmul(h[..., self.length - 1, :], self.out_w_last) + self.out_b_last_pos
+        return z0_last + x[..., self.length - 1, :] if self.drift else z0_last
 
     def forward_unpadded(self, x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """``forward`` without the pad-row layout (a ``Pad`` per gather-mode im2col)."""

@@ -54,6 +54,22 @@ def test_torch_fast_tower_matches_eager(mode: str, overrides: dict) -> None:
         assert (out - reference).abs().max() < TOL
 
 
+@pytest.mark.parametrize("mode", ["auto", "matmul"])
+def test_one_sample_without_a_batch_axis(mode: str) -> None:
+    """``FastUNetSteps`` on a ``[L, d]`` history (2-D activations, the layout in which ONNX
+    Runtime fuses each product and its bias into one Gemm) gives the batched answer."""
+    model = _model(seed=7)
+    steps = FastTower(model, mode).steps
+    item_seq, _, noise = _inputs(model, 3, seed=7)
+    with torch.no_grad():
+        x = model.item_emb(item_seq)
+        batched = steps(x, noise)
+        for row in range(3):
+            one = steps(x[row], noise)
+            assert one.shape == (model.config.dim,)
+            assert (one - batched[row]).abs().max() < 1e-6
+
+
 def test_without_diffusion_falls_back_to_the_tower() -> None:
     model = _model(use_diffusion=False)
     item_seq, time_lag, noise = _inputs(model, 2)
