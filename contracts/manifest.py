@@ -30,6 +30,12 @@ POPULARITY_FILE = "item_popularity.npy"
 TOWER_DIFFUSION_FILE = "user_tower_diffusion.onnx"
 TOWER_ATTENTION_FILE = "user_tower_attention.onnx"
 TOWER_PARTS_FIELD = "tower_parts"
+# Optional beside the parts: the diffusion part for exactly one request (batch fixed at 1,
+# the reverse process on 2-D activations, where ONNX Runtime fuses each product and its bias
+# into one Gemm: bench/b1_graph_probe.py).  Same inputs and output as the diffusion part;
+# the service runs it for a lone xhat miss.  Named under TOWER_DIFFUSION_ONE_FIELD.
+TOWER_DIFFUSION_ONE_FILE = "user_tower_diffusion_b1.onnx"
+TOWER_DIFFUSION_ONE_FIELD = "tower_diffusion_one"
 # The trained user tower as a torch checkpoint (``model.tower_worker`` loads it to run the
 # fused GPU kernel); the manifest names it under ``TORCH_TOWER_FIELD``.  Optional: the
 # service's ONNX path never reads it, and exports made before it existed lack it.

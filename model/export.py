@@ -128,6 +128,28 @@ def export_split_onnx(model: T2Diff, out_dir: Path, max_seq_len: int) -> dict[st
     return {PART_DIFFUSION: mf.TOWER_DIFFUSION_FILE, PART_ATTENTION: mf.TOWER_ATTENTION_FILE}
 
 
+def export_diffusion_one_onnx(model: T2Diff, out_dir: Path, max_seq_len: int) -> str:
+    """Write the one-request diffusion part (batch fixed at 1) into ``out_dir``; its file
+    name (``contracts.manifest.TOWER_DIFFUSION_ONE_FIELD``)."""
+    model = model.cpu().eval()
+    with torch.no_grad():
+        diffusion = FastDiffusionPart(model, one_sample=True).eval()
+    item_seq = torch.ones(1, max_seq_len, dtype=torch.int64)
+    noise = torch.zeros(model.noise_shape, dtype=torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about Python ints are expected
+        torch.onnx.export(
+            diffusion,
+            (item_seq, noise),
+            str(out_dir / mf.TOWER_DIFFUSION_ONE_FILE),
+            input_names=[INPUT_ITEM_SEQ, INPUT_NOISE],
+            output_names=[XHAT],
+            opset_version=OPSET,
+            dynamo=False,
+        )
+    return mf.TOWER_DIFFUSION_ONE_FILE
+
+
 TORCH_TOWER_FORMAT = 1
 
 
@@ -164,6 +186,7 @@ def export_run(
     try:
         export_onnx(model, staging / mf.USER_TOWER_FILE, max_len)
         parts = export_split_onnx(model, staging, max_len) if can_split(model) else None
+        one = export_diffusion_one_onnx(model, staging, max_len) if parts else None
         with torch.no_grad():
             embeddings = model.item_embeddings()[1:].detach().cpu().float().numpy()
         np.save(staging / mf.ITEM_EMBEDDINGS_FILE, np.ascontiguousarray(embeddings))
@@ -185,6 +208,7 @@ def export_run(
             "noise_seed": noise_seed,
             "opset": OPSET,
             **({mf.TOWER_PARTS_FIELD: parts} if parts else {}),
+            **({mf.TOWER_DIFFUSION_ONE_FIELD: one} if one else {}),
             mf.TORCH_TOWER_FIELD: mf.TORCH_TOWER_FILE,
             "scoring": "inner_product",
             "training_metrics": metrics.get(meta["model_name"], {}),

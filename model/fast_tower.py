@@ -569,15 +569,19 @@ class FastDiffusionPart(nn.Module):
     so its output depends only on the padded ``item_seq`` row and the version's noise.
     """
 
-    def __init__(self, model: T2Diff, mode: str = "auto") -> None:
+    def __init__(self, model: T2Diff, mode: str = "auto", one_sample: bool = False) -> None:
         super().__init__()
         if not model.config.use_diffusion:
             raise ValueError("a T2Diff without diffusion has no diffusion part")
         self.model = model.eval()
         self.steps = FastUNetSteps(model, mode)
+        # one_sample: item_seq is [1, L] and the reverse process runs without a batch axis
+        # (2-D activations: a product and its bias become one Gemm in ONNX Runtime)
+        self.one_sample = one_sample
 
     def forward(self, item_seq: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        return self.steps(self.model.item_emb(item_seq), noise)
+        x = self.model.item_emb(item_seq)
+        return self.steps(x[0], noise)[None] if self.one_sample else self.steps(x, noise)
 
 
 class FastAttentionPart(nn.Module):

@@ -32,6 +32,7 @@ from contracts.manifest import (
     ITEM_EMBEDDINGS_FILE,
     ITEM_IDS_FILE,
     POPULARITY_FILE,
+    TOWER_DIFFUSION_ONE_FIELD,
     TOWER_PARTS_FIELD,
     USER_TOWER_FILE,
     ArtifactError,
@@ -188,8 +189,12 @@ class UserTowerRunner:
         self._session: ort.InferenceSession | None = None
         self.diffusion_session: ort.InferenceSession | None = None
         self.attention_session: ort.InferenceSession | None = None
+        # the diffusion part for a lone miss (batch fixed at 1), when the export has it
+        self.diffusion_one_session: ort.InferenceSession | None = None
         if self.worker is None and manifest.get(TOWER_PARTS_FIELD) is not None:
             self.diffusion_session, self.attention_session = self._open_parts(intra_op_threads)
+            if manifest.get(TOWER_DIFFUSION_ONE_FIELD) is not None:
+                self.diffusion_one_session = self._open_diffusion_one(intra_op_threads)
         elif self.worker is None:
             self._session = self._open_session(intra_op_threads)
         self.xhat_cache: XhatCache | None = (
@@ -375,6 +380,30 @@ class UserTowerRunner:
             sessions[part] = session
         return sessions[PART_DIFFUSION], sessions[PART_ATTENTION]
 
+    def _open_diffusion_one(self, intra_op_threads: int | None) -> ort.InferenceSession:
+        """The one-request diffusion part: the diffusion part's contract at batch 1."""
+        file_name = self.manifest[TOWER_DIFFUSION_ONE_FIELD]
+        if not isinstance(file_name, str) or file_name not in self.manifest["files"]:
+            raise ArtifactError(
+                f"manifest {TOWER_DIFFUSION_ONE_FIELD}: {file_name!r} is not a listed file"
+            )
+        session = self._load_graph(file_name, intra_op_threads)
+        inputs = {i.name: (i.type, i.shape) for i in session.get_inputs()}
+        seq = inputs.get(INPUT_ITEM_SEQ)
+        outputs = {o.name: o.shape for o in session.get_outputs()}
+        if (
+            seq != ("tensor(int64)", [1, self.max_seq_len])
+            or set(inputs) != {INPUT_ITEM_SEQ, INPUT_NOISE}
+            or inputs[INPUT_NOISE][0] != "tensor(float)"
+            or outputs.get(XHAT) != [1, self.embedding_dim]
+        ):
+            raise ArtifactError(
+                f"{file_name}: inputs {inputs}, outputs {outputs}; the one-request diffusion "
+                f"part needs {INPUT_ITEM_SEQ} int64 [1, {self.max_seq_len}], {INPUT_NOISE} "
+                f"float and {XHAT} [1, {self.embedding_dim}]"
+            )
+        return session
+
     @property
     def split(self) -> bool:
         """Whether requests go through the two tower parts (the export has them)."""
@@ -539,9 +568,9 @@ class UserTowerRunner:
     ) -> np.ndarray:
         assert self.diffusion_session is not None
         started = time.perf_counter()
-        (xhat,) = self.diffusion_session.run(
-            [XHAT], {INPUT_ITEM_SEQ: item_seq, INPUT_NOISE: self.noise}
-        )
+        one = self.diffusion_one_session
+        session = one if one is not None and item_seq.shape[0] == 1 else self.diffusion_session
+        (xhat,) = session.run([XHAT], {INPUT_ITEM_SEQ: item_seq, INPUT_NOISE: self.noise})
         if timings is not None:
             timings["diffusion"] = time.perf_counter() - started
         xhat = np.ascontiguousarray(xhat, dtype=np.float32)

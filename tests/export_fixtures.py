@@ -17,7 +17,13 @@ import torch
 from service_fixtures import build_tiny_index, point_link
 
 from contracts import manifest as mf
-from model.export import OPSET, export_onnx, export_split_onnx, save_torch_tower
+from model.export import (
+    OPSET,
+    export_diffusion_one_onnx,
+    export_onnx,
+    export_split_onnx,
+    save_torch_tower,
+)
 from model.t2diff import T2Diff
 
 
@@ -31,12 +37,14 @@ def export_tiny_t2diff(
     split: bool = False,
     torch_tower: bool = False,
 ) -> Path:
-    """Single graph, optionally the two parts (``split``) and the worker's checkpoint
+    """Single graph, optionally the two parts and the one-request diffusion part (``split``)
+    and the worker's checkpoint
     (``torch_tower``), items named ``item_name(row)``, manifest."""
     out_dir.mkdir(parents=True)
     length, n_items = model.config.max_seq_len, model.n_items
     export_onnx(model, out_dir / mf.USER_TOWER_FILE, length)
     parts = export_split_onnx(model, out_dir, length) if split else None
+    one = export_diffusion_one_onnx(model, out_dir, length) if split else None
     if torch_tower:
         meta = {"model_name": "t2diff", "model_config": asdict(model.config)}
         save_torch_tower(model, meta, out_dir / mf.TORCH_TOWER_FILE, np.ones(n_items + 1))
@@ -57,6 +65,7 @@ def export_tiny_t2diff(
         "noise_seed": noise_seed,
         "opset": OPSET,
         **({mf.TOWER_PARTS_FIELD: parts} if parts else {}),
+        **({mf.TOWER_DIFFUSION_ONE_FIELD: one} if one else {}),
         **({mf.TORCH_TOWER_FIELD: mf.TORCH_TOWER_FILE} if torch_tower else {}),
     }
     mf.write_manifest(out_dir, fields)

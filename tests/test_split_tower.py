@@ -114,6 +114,7 @@ def test_onnx_split_equals_the_single_graph(split_export: Path) -> None:
     split = UserTowerRunner(split_export)
     cached = UserTowerRunner(split_export, xhat_cache_size=1000)
     assert split.split and split.xhat_cache is None and cached.xhat_cache is not None
+    assert split.diffusion_one_session is not None  # B = 1 below runs the one-request part
     # the single graph serves nothing here: opened only when asked for (below)
     assert split._session is None and cached._session is None
     rng = np.random.default_rng(3)
@@ -139,6 +140,55 @@ def test_onnx_split_equals_the_single_graph(split_export: Path) -> None:
     tokens, stamps = _sequences(np.random.default_rng(3), 1, 12)
     cached.embed_tokens(tokens, stamps, 1_900_000_001.0, None, counts)
     assert counts == {"xhat_hit": 1, "xhat_miss": 0}
+
+
+def test_a_lone_miss_runs_the_one_request_part(split_export: Path) -> None:
+    """The one-request diffusion part (batch fixed at 1, 2-D activations) gives the batched
+    part's xhat, and the runner sends exactly the lone misses to it."""
+    runner = UserTowerRunner(split_export)
+    one, batched = runner.diffusion_one_session, runner.diffusion_session
+    assert one is not None and batched is not None
+    tokens, stamps = _sequences(np.random.default_rng(5), 3, 12)
+    item_seq, _ = pad_batch(tokens, stamps, 1_700_100_000.0, 12)
+    feeds = {"item_seq": item_seq, "noise": runner.noise}
+    (want,) = batched.run(["xhat"], feeds)
+    for row in range(3):
+        (got,) = one.run(["xhat"], {"item_seq": item_seq[row : row + 1], "noise": runner.noise})
+        assert np.abs(got[0] - want[row]).max() < 1e-5
+    calls: list[int] = []
+    for name in ("diffusion_one_session", "diffusion_session"):
+        session = getattr(runner, name)
+        spy = SessionSpy(session, calls, 1 if name == "diffusion_one_session" else 0)
+        setattr(runner, name, spy)
+    runner.embed_tokens(tokens[:1], stamps[:1], 1_700_100_000.0)
+    runner.embed_tokens(tokens, stamps, 1_700_100_000.0)
+    assert calls == [1, 0]  # the lone request, then the batch of 3
+
+
+class SessionSpy:
+    """An ONNX Runtime session that records which one ran (1: one-request, 0: batched)."""
+
+    def __init__(self, session: object, calls: list[int], tag: int) -> None:
+        self.session, self.calls, self.tag = session, calls, tag
+
+    def run(self, *args: object) -> object:
+        self.calls.append(self.tag)
+        return self.session.run(*args)  # type: ignore[attr-defined]
+
+
+def test_a_bad_one_request_part_is_refused(tmp_path: Path) -> None:
+    """The one-request part must be a listed file with the diffusion part's contract at
+    batch 1; a manifest that names the batched part there is refused at load."""
+    export = export_tiny_t2diff(tmp_path / "v", _model(seed=4), "bad-one")
+    fields = mf.read_manifest(export)
+    fields[mf.TOWER_DIFFUSION_ONE_FIELD] = mf.TOWER_DIFFUSION_FILE  # batch axis, not 1
+    mf.write_manifest(export, {k: v for k, v in fields.items() if k != "files"})
+    with pytest.raises(mf.ArtifactError, match="one-request diffusion part"):
+        UserTowerRunner(export)
+    fields[mf.TOWER_DIFFUSION_ONE_FIELD] = "missing.onnx"
+    mf.write_manifest(export, {k: v for k, v in fields.items() if k != "files"})
+    with pytest.raises(mf.ArtifactError, match="not a listed file"):
+        UserTowerRunner(export)
 
 
 def test_an_export_without_parts_still_serves(tmp_path: Path) -> None:
