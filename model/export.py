@@ -98,18 +98,9 @@ def export_split_onnx(model: T2Diff, out_dir: Path, max_seq_len: int) -> dict[st
     noise = torch.zeros(model.noise_shape, dtype=torch.float32)
     xhat = torch.zeros(2, model.config.dim, dtype=torch.float32)
     batch_axis = {0: "batch"}
+    _export_diffusion(diffusion, item_seq, noise, out_dir / mf.TOWER_DIFFUSION_FILE)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about Python ints are expected
-        torch.onnx.export(
-            diffusion,
-            (item_seq, noise),
-            str(out_dir / mf.TOWER_DIFFUSION_FILE),
-            input_names=[INPUT_ITEM_SEQ, INPUT_NOISE],
-            output_names=[XHAT],
-            dynamic_axes={INPUT_ITEM_SEQ: batch_axis, XHAT: batch_axis},
-            opset_version=OPSET,
-            dynamo=False,
-        )
         torch.onnx.export(
             attention,
             (item_seq, time_lag, xhat),
@@ -136,18 +127,29 @@ def export_diffusion_one_onnx(model: T2Diff, out_dir: Path, max_seq_len: int) ->
         diffusion = FastDiffusionPart(model, one_sample=True).eval()
     item_seq = torch.ones(1, max_seq_len, dtype=torch.int64)
     noise = torch.zeros(model.noise_shape, dtype=torch.float32)
+    _export_diffusion(diffusion, item_seq, noise, out_dir / mf.TOWER_DIFFUSION_ONE_FILE)
+    return mf.TOWER_DIFFUSION_ONE_FILE
+
+
+def _export_diffusion(
+    diffusion: FastDiffusionPart, item_seq: torch.Tensor, noise: torch.Tensor, path: Path
+) -> None:
+    """Trace a diffusion part into ``path``: batch axis dynamic, or fixed at 1 for the
+    one-request part (``diffusion.one_sample``)."""
+    batch_axis = {0: "batch"}
+    dynamic = {} if diffusion.one_sample else {INPUT_ITEM_SEQ: batch_axis, XHAT: batch_axis}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about Python ints are expected
         torch.onnx.export(
             diffusion,
             (item_seq, noise),
-            str(out_dir / mf.TOWER_DIFFUSION_ONE_FILE),
+            str(path),
             input_names=[INPUT_ITEM_SEQ, INPUT_NOISE],
             output_names=[XHAT],
+            dynamic_axes=dynamic,
             opset_version=OPSET,
             dynamo=False,
         )
-    return mf.TOWER_DIFFUSION_ONE_FILE
 
 
 TORCH_TOWER_FORMAT = 1
