@@ -177,6 +177,8 @@ def main() -> None:
     try:
         if args.artifacts is not None:
             artifacts = args.artifacts.resolve()
+            if not (artifacts / ITEM_IDS_FILE).is_file():
+                raise SystemExit(f"{artifacts} is not an export (no {ITEM_IDS_FILE})")
             item_ids = json.loads((artifacts / ITEM_IDS_FILE).read_text(encoding="utf-8"))
         else:
             artifacts = build_tiny_export(

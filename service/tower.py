@@ -218,7 +218,7 @@ class UserTowerRunner:
         """The single graph (``user_tower.onnx``; None behind a tower worker).  A split
         export serves every request through its two parts, so its single graph is opened
         only when something asks for it (the parity tests and benchmarks that compare the
-        two): a w16 ML-1M version then loads in ~1.3 s instead of ~2 s."""
+        two): that saves ~1 s of each version's load (docs/operations.md)."""
         if self._session is None and self.worker is None:
             self._session = self._open_session(self._intra_op_threads)
         return self._session
@@ -341,8 +341,7 @@ class UserTowerRunner:
                 f"{PART_ATTENTION!r}: {parts!r}"
             )
         for part, file_name in parts.items():
-            if not isinstance(file_name, str) or file_name not in self.manifest["files"]:
-                raise ArtifactError(f"tower part {part}: {file_name!r} is not a listed file")
+            self._check_listed(file_name, f"tower part {part}")
         expected = {
             PART_DIFFUSION: (
                 {INPUT_ITEM_SEQ: "tensor(int64)", INPUT_NOISE: "tensor(float)"},
@@ -380,13 +379,15 @@ class UserTowerRunner:
             sessions[part] = session
         return sessions[PART_DIFFUSION], sessions[PART_ATTENTION]
 
+    def _check_listed(self, file_name: object, what: str) -> None:
+        """A graph the manifest names must be one of its checksummed files."""
+        if not isinstance(file_name, str) or file_name not in self.manifest["files"]:
+            raise ArtifactError(f"{what}: {file_name!r} is not a listed file")
+
     def _open_diffusion_one(self, intra_op_threads: int | None) -> ort.InferenceSession:
         """The one-request diffusion part: the diffusion part's contract at batch 1."""
         file_name = self.manifest[TOWER_DIFFUSION_ONE_FIELD]
-        if not isinstance(file_name, str) or file_name not in self.manifest["files"]:
-            raise ArtifactError(
-                f"manifest {TOWER_DIFFUSION_ONE_FIELD}: {file_name!r} is not a listed file"
-            )
+        self._check_listed(file_name, f"manifest {TOWER_DIFFUSION_ONE_FIELD}")
         session = self._load_graph(file_name, intra_op_threads)
         inputs = {i.name: (i.type, i.shape) for i in session.get_inputs()}
         seq = inputs.get(INPUT_ITEM_SEQ)
