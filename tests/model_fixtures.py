@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from tolerances import RTOL_REFORMULATION, assert_f32_close
 
 from model.base import Batch, SequentialRecommender
 from model.t2diff import T2Diff, T2DiffConfig
@@ -54,7 +55,6 @@ def noise_for(model: SequentialRecommender, seed: int = 0) -> torch.Tensor:
 def assert_onnx_matches(model: SequentialRecommender, path: Path, seeds: tuple[int, ...]) -> None:
     """Export ``model`` to ``path`` and check ONNX Runtime against eager on the tiny batch
     (batch 8, traced at batch 2: the batch axis is dynamic), for each noise seed."""
-    import numpy as np
     import onnxruntime as ort
 
     from contracts.tower import INPUT_ITEM_SEQ, INPUT_NOISE, INPUT_TIME_LAG, OUTPUT_USER_EMBEDDING
@@ -77,7 +77,7 @@ def assert_onnx_matches(model: SequentialRecommender, path: Path, seeds: tuple[i
             },
         )
         assert got.shape == expected.shape
-        assert np.abs(got - expected).max() < 1e-4
+        assert_f32_close(got, expected, RTOL_REFORMULATION)
 
 
 def perturbed_t2diff(tiny: dict[str, object], seed: int = 0, **overrides: object) -> T2Diff:

@@ -20,6 +20,7 @@ import torch
 from export_fixtures import deploy_versions, point_current
 from fastapi.testclient import TestClient
 from service_fixtures import build_tiny_index, point_link
+from tolerances import RTOL_REORDER, assert_f32_close
 
 from contracts import manifest as mf
 from contracts.tower import make_noise, pad_batch
@@ -31,7 +32,7 @@ from service.core import RecallRequest
 from service.settings import Settings
 from service.tower import UserTowerRunner, XhatCache
 
-TOL = 1e-5
+TOL = RTOL_REORDER  # relative to the embeddings' magnitude (tests/tolerances.py)
 N_ITEMS = 60
 TINY = {"dim": 16, "unet_width": 8, "max_seq_len": 12, "session_len": 4, "diffusion_steps": 5}
 NOISE_SEED = 7
@@ -87,7 +88,7 @@ def test_torch_parts_compose_to_the_fast_tower(overrides: dict) -> None:
         seq, lag = (torch.from_numpy(a) for a in pad_batch(tokens, stamps, now, 12))
         with torch.no_grad():
             split = attention(seq, lag, diffusion(seq, noise))
-            assert (split - whole(seq, lag, noise)).abs().max() < TOL
+            assert_f32_close(split, whole(seq, lag, noise), TOL)
 
 
 def test_no_parts_without_diffusion() -> None:
@@ -128,13 +129,12 @@ def test_onnx_split_equals_the_single_graph(split_export: Path) -> None:
             )
             timings: dict[str, float] = {}
             counts: dict[str, int] = {}
-            assert (
-                np.abs(split.embed_tokens(tokens, stamps, now, timings, counts) - combined).max()
-                < TOL
+            assert_f32_close(
+                split.embed_tokens(tokens, stamps, now, timings, counts), combined, TOL
             )
             assert counts == {"xhat_hit": 0, "xhat_miss": batch}
             assert set(timings) == {"diffusion", "attention"}
-            assert np.abs(cached.embed_tokens(tokens, stamps, now) - combined).max() < TOL
+            assert_f32_close(cached.embed_tokens(tokens, stamps, now), combined, TOL)
     # Every sequence went through the cached runner at four times: one miss, then hits.
     counts = {}
     tokens, stamps = _sequences(np.random.default_rng(3), 1, 12)
@@ -154,7 +154,7 @@ def test_a_lone_miss_runs_the_one_request_part(split_export: Path) -> None:
     (want,) = batched.run(["xhat"], feeds)
     for row in range(3):
         (got,) = one.run(["xhat"], {"item_seq": item_seq[row : row + 1], "noise": runner.noise})
-        assert np.abs(got[0] - want[row]).max() < 1e-5
+        assert_f32_close(got[0], want[row], RTOL_REORDER)
     calls: list[int] = []
     for name in ("diffusion_one_session", "diffusion_session"):
         session = getattr(runner, name)
