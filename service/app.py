@@ -34,6 +34,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from contracts.sessions import MAX_ID_LENGTH, Session
 from service.core import RecallEngine, RecallItem, RecallRequest
+from service.errors import install_error_handlers
 from service.middleware import LOG_FIELDS_KEY, ServiceMiddleware
 from service.observability import Metrics
 from service.sessions import NewEvent
@@ -148,6 +149,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="T2Diff recall", version="0.2.0", lifespan=lifespan)
     app.state.metrics = metrics
+    install_error_handlers(app)
     RecallBody, EventsBody = make_request_models(settings)  # noqa: N806
     if settings.cors_origins:  # off unless origins are configured
         from fastapi.middleware.cors import CORSMiddleware

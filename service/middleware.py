@@ -88,12 +88,16 @@ class ServiceMiddleware:
         scope.setdefault("state", {})[LOG_FIELDS_KEY] = fields
         status = 500
         id_header = (b"x-request-id", request_id.encode("latin-1"))
+        started_response = finished_response = False
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, started_response, finished_response
             if message["type"] == "http.response.start":
                 status = int(message["status"])
                 message["headers"] = [*message.get("headers", []), id_header]
+                started_response = True
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                finished_response = True
             await send(message)
 
         counted = endpoint in SHED_ENDPOINTS
@@ -121,6 +125,20 @@ class ServiceMiddleware:
                     )
                     return
                 await self.app(scope, body_receive, send_with_id)
+            except Exception:
+                # A bug, not an input: answered as a JSON 500 with the request id, and not
+                # re-raised, so the server keeps the caller's keep-alive connection (an
+                # exception escaping the app makes uvicorn close it).  Only a response cut
+                # off half-sent cannot be mended: the connection has to go.
+                log.exception("unhandled error", extra={"method": method, "endpoint": endpoint})
+                if not started_response:
+                    await _respond(
+                        send_with_id,
+                        500,
+                        {"detail": "internal error", "request_id": request_id},
+                    )
+                elif not finished_response:
+                    raise
             finally:
                 if counted:
                     self.in_flight -= 1
