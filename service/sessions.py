@@ -5,14 +5,20 @@
   into a fast error rather than piling up connections or stalling requests.
 * :func:`load_sessions_from_sequences` is the synchronous bulk loader behind
   ``t2diff sessions load``: it writes each user's newest behaviours from a training log.
+* :func:`redis_connection_kwargs` turns the auth and TLS settings into keyword arguments of
+  redis-py's ``from_url``; the URL itself (``redis://[[user]:password@]host:port/db``,
+  ``rediss://`` for TLS, query options such as ``?ssl_check_hostname=false``) is parsed by
+  redis-py, never here.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit, urlunsplit
 
 import redis
 import redis.asyncio as aioredis
@@ -77,6 +83,76 @@ return pushed
 """
 
 
+TLS_SCHEME = "rediss"
+
+
+def redis_connection_kwargs(
+    redis_url: str,
+    password: str | None = None,
+    tls_ca_file: Path | str | None = None,
+    tls_cert_file: Path | str | None = None,
+    tls_key_file: Path | str | None = None,
+) -> dict[str, Any]:
+    """Keyword arguments for redis-py's ``from_url`` beside ``redis_url``.
+
+    ``password`` is for a URL without one (it comes from a Secret, not the URL): redis-py
+    gives what the URL says precedence over these arguments, so ``redis://:pw@host`` or
+    ``redis://user:pw@host`` (an ACL user) wins, and ``redis://user@host`` takes its
+    password from here.  The TLS files (a CA bundle to verify the server, and a client
+    certificate and key for mutual TLS) need a ``rediss://`` URL: on a plain connection they
+    would be silently meaningless, so that raises ``ValueError``.
+    """
+    kwargs: dict[str, Any] = {}
+    if password:
+        kwargs["password"] = password
+    files = {
+        "ssl_ca_certs": tls_ca_file,
+        "ssl_certfile": tls_cert_file,
+        "ssl_keyfile": tls_key_file,
+    }
+    given = {name: str(path) for name, path in files.items() if path}
+    if given and urlsplit(redis_url).scheme.lower() != TLS_SCHEME:
+        raise ValueError(
+            f"Redis TLS files ({', '.join(sorted(given))}) need a rediss:// URL, "
+            f"not {redact_redis_url(redis_url)}"
+        )
+    if bool(tls_cert_file) != bool(tls_key_file):
+        raise ValueError(
+            "a Redis TLS client certificate needs its key, and the key its certificate"
+        )
+    kwargs.update(given)
+    return kwargs
+
+
+def redact_redis_url(redis_url: str) -> str:
+    """``redis_url`` with its password replaced by ``***``, for logs and error messages."""
+    try:
+        parts = urlsplit(redis_url)
+        if parts.password is None:
+            return redis_url
+        user = parts.username or ""
+        host = parts.hostname or ""
+        if ":" in host:  # an IPv6 literal
+            host = f"[{host}]"
+        port = f":{parts.port}" if parts.port is not None else ""
+        netloc = f"{user}:***@{host}{port}"
+        return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    except ValueError:  # unparsable: show nothing that could hold a secret
+        return "<unparsable Redis URL>"
+
+
+def settings_connection_kwargs(settings: Settings) -> dict[str, Any]:
+    """:func:`redis_connection_kwargs` from the service settings."""
+    password = settings.redis_password
+    return redis_connection_kwargs(
+        settings.redis_url,
+        password=password.get_secret_value() if password is not None else None,
+        tls_ca_file=settings.redis_tls_ca_file,
+        tls_cert_file=settings.redis_tls_cert_file,
+        tls_key_file=settings.redis_tls_key_file,
+    )
+
+
 @dataclass(frozen=True)
 class NewEvent:
     """One behaviour to append: raw item id, Unix seconds, optional idempotency id."""
@@ -103,7 +179,9 @@ class SessionStore:
         pool_timeout_ms: int = 50,
         max_connections: int = 32,
         retries: int = 1,
+        connection_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
+        """``connection_kwargs``: auth and TLS (:func:`redis_connection_kwargs`)."""
         self.prefix = prefix
         # BlockingConnectionPool: at most max_connections sockets, and a request that finds
         # none free waits pool_timeout_ms then fails (the default pool raises immediately or,
@@ -119,6 +197,7 @@ class SessionStore:
             # connection errors are retried: a read that timed out against a frozen Redis
             # would time out again and double the wait (measured: 103 ms for a 50 ms timeout).
             retry=Retry(NoBackoff(), retries, supported_errors=(RedisConnectionError,)),
+            **dict(connection_kwargs or {}),
         )
         self._client = aioredis.Redis(connection_pool=self._pool)
         self._append_events = self._client.register_script(APPEND_EVENTS_LUA)
@@ -132,6 +211,7 @@ class SessionStore:
             connect_timeout_ms=settings.redis_connect_timeout_ms,
             pool_timeout_ms=settings.redis_pool_timeout_ms,
             max_connections=settings.redis_max_connections,
+            connection_kwargs=settings_connection_kwargs(settings),
         )
 
     def key(self, user_id: str) -> str:
@@ -246,6 +326,7 @@ def load_sessions_from_sequences(
     max_len: int = 200,
     batch_users: int = 500,
     replace: bool = True,
+    connection_kwargs: Mapping[str, Any] | None = None,
 ) -> int:
     """Write every user's newest ``max_len`` behaviours of ``data`` to Redis.
 
@@ -253,8 +334,8 @@ def load_sessions_from_sequences(
     behaviours are appended and the list capped.  Each user's newest timestamp goes into
     the activity ZSET (``ZADD GT``), which the service reads to warm its xhat cache.  Users
     go in batches of ``batch_users``, each batch one MULTI transaction: one round trip, and
-    no reader sees a user's list deleted but not yet refilled.  Returns the number of users
-    written.
+    no reader sees a user's list deleted but not yet refilled.  ``connection_kwargs``: auth
+    and TLS (:func:`redis_connection_kwargs`).  Returns the number of users written.
     """
     if max_len <= 0 or batch_users <= 0:
         raise ValueError("max_len and batch_users must be positive")
@@ -264,7 +345,7 @@ def load_sessions_from_sequences(
     offsets = data.offsets
     written = 0
     active = active_users_key(prefix)
-    client = redis.Redis.from_url(redis_url)
+    client = redis.Redis.from_url(redis_url, **dict(connection_kwargs or {}))
     try:
         for first in range(0, data.n_users, batch_users):
             with client.pipeline(transaction=True) as pipe:

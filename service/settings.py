@@ -29,7 +29,16 @@ class Settings(BaseSettings):
     # Redis sessions.  The timeouts are deliberately tight (tens of ms): a recall has a
     # latency budget of a few ms, and redis-py's defaults (seconds) would let one sick Redis
     # stall every worker instead of failing fast.
+    # The URL is redis-py's: redis://[[user]:password@]host:port/db, rediss://... for TLS
+    # (query options too, e.g. ?ssl_check_hostname=false).  redis_password is for a URL
+    # without a password (kept in a Secret apart from the URL: T2DIFF_REDIS_PASSWORD); a
+    # password in the URL wins.  The TLS files need a rediss:// URL: a CA bundle to verify
+    # the server (else the system's CAs), and a client certificate + key for mutual TLS.
     redis_url: str = "redis://localhost:6379/0"
+    redis_password: SecretStr | None = None
+    redis_tls_ca_file: Path | None = None
+    redis_tls_cert_file: Path | None = None
+    redis_tls_key_file: Path | None = None
     redis_prefix: str = DEFAULT_PREFIX
     redis_timeout_ms: int = Field(default=50, gt=0, description="socket read/write timeout")
     redis_connect_timeout_ms: int = Field(default=200, gt=0, description="TCP connect timeout")
@@ -182,10 +191,32 @@ class Settings(BaseSettings):
             )
         return self
 
-    @field_validator("admin_token", mode="after")
+    @field_validator(
+        "redis_tls_ca_file", "redis_tls_cert_file", "redis_tls_key_file", mode="before"
+    )
+    @classmethod
+    def _empty_path_is_none(cls, value: object) -> object:
+        # T2DIFF_REDIS_TLS_CA_FILE= (empty) means unset, not the current directory.
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @model_validator(mode="after")
+    def _redis_tls_needs_rediss(self) -> Settings:
+        tls_files = [
+            name
+            for name in ("redis_tls_ca_file", "redis_tls_cert_file", "redis_tls_key_file")
+            if getattr(self, name) is not None
+        ]
+        if tls_files and not self.redis_url.lower().startswith("rediss://"):
+            raise ValueError(f"{', '.join(tls_files)} need a rediss:// redis_url")
+        if (self.redis_tls_cert_file is None) != (self.redis_tls_key_file is None):
+            raise ValueError("redis_tls_cert_file and redis_tls_key_file go together")
+        return self
+
+    @field_validator("admin_token", "redis_password", mode="after")
     @classmethod
     def _empty_token_is_none(cls, value: SecretStr | None) -> SecretStr | None:
-        # T2DIFF_ADMIN_TOKEN= (empty) must not enable admin with an empty password.
+        # T2DIFF_ADMIN_TOKEN= (empty) must not enable admin with an empty password; an empty
+        # T2DIFF_REDIS_PASSWORD= (an optional Secret key left empty) means no password.
         if value is not None and not value.get_secret_value().strip():
             return None
         return value

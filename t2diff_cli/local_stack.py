@@ -22,8 +22,9 @@ import sys
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
@@ -99,6 +100,10 @@ class RedisServer:
     Use it as a context manager (start on enter, stop on exit), or call :meth:`start` and
     :meth:`stop` yourself; after :meth:`stop` or :meth:`kill`, :meth:`start` restarts it on
     the same port.
+
+    ``password`` starts it with ``--requirepass`` (and :attr:`url` carries the password);
+    ``extra_args`` go to ``redis-server`` as they are (e.g. ``--tls-port`` and its files: the
+    plain port stays, for the start-up PING).
     """
 
     def __init__(
@@ -107,6 +112,8 @@ class RedisServer:
         workdir: Path | None = None,
         keep_snapshot: bool = False,
         start_timeout_s: float = REDIS_START_TIMEOUT_S,
+        password: str | None = None,
+        extra_args: Sequence[str] = (),
     ) -> None:
         binary = redis_binary()
         if binary is None:
@@ -115,6 +122,8 @@ class RedisServer:
         self.port = port or free_port()
         self.keep_snapshot = keep_snapshot
         self.start_timeout_s = start_timeout_s
+        self.password = password
+        self.extra_args = list(extra_args)
         self._owns_workdir = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="t2diff-redis-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -122,7 +131,10 @@ class RedisServer:
 
     @property
     def url(self) -> str:
-        return f"redis://{LOOPBACK}:{self.port}/0"
+        if self.password is None:
+            return f"redis://{LOOPBACK}:{self.port}/0"
+        secret = urllib.parse.quote(self.password, safe="")
+        return f"redis://:{secret}@{LOOPBACK}:{self.port}/0"
 
     @property
     def log_path(self) -> Path:
@@ -136,6 +148,9 @@ class RedisServer:
         ]  # fmt: skip
         if self.keep_snapshot:
             command += ["--dbfilename", SNAPSHOT_FILE]
+        if self.password is not None:
+            command += ["--requirepass", self.password]
+        command += self.extra_args
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
                 command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
@@ -159,6 +174,8 @@ class RedisServer:
 
     def ping(self) -> bool:
         try:
+            if self.password is not None:  # a successful AUTH is an answer too
+                return redis_command(self.port, "AUTH", self.password, timeout_s=0.2) == b"+OK\r\n"
             return redis_command(self.port, "PING", timeout_s=0.2).startswith(b"+PONG")
         except OSError:
             return False

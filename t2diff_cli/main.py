@@ -195,7 +195,33 @@ def build_index(
 @sessions_app.command("load")
 def sessions_load(
     data: Annotated[Path, typer.Option(help="interactions file or directory")],
-    redis_url: Annotated[str, typer.Option(envvar="T2DIFF_REDIS_URL")] = "redis://localhost:6379/0",
+    redis_url: Annotated[
+        str,
+        typer.Option(
+            envvar="T2DIFF_REDIS_URL",
+            help="redis://[[user]:password@]host:port/db, or rediss://... for TLS",
+        ),
+    ] = "redis://localhost:6379/0",
+    redis_password: Annotated[
+        str | None,
+        typer.Option(
+            envvar="T2DIFF_REDIS_PASSWORD",
+            help="for a URL without a password (prefer the variable: argv is visible)",
+            show_default=False,
+        ),
+    ] = None,
+    redis_tls_ca_file: Annotated[
+        Path | None,
+        typer.Option(envvar="T2DIFF_REDIS_TLS_CA_FILE", help="CA bundle (rediss:// only)"),
+    ] = None,
+    redis_tls_cert_file: Annotated[
+        Path | None,
+        typer.Option(envvar="T2DIFF_REDIS_TLS_CERT_FILE", help="client certificate (mutual TLS)"),
+    ] = None,
+    redis_tls_key_file: Annotated[
+        Path | None,
+        typer.Option(envvar="T2DIFF_REDIS_TLS_KEY_FILE", help="client key (mutual TLS)"),
+    ] = None,
     prefix: Annotated[str, typer.Option(envvar="T2DIFF_REDIS_PREFIX")] = "t2diff",
     max_len: int = 200,
     fmt: FormatOption = "auto",
@@ -204,16 +230,33 @@ def sessions_load(
     import redis
 
     from model.data import DataError, load_sequences
-    from service.sessions import load_sessions_from_sequences
+    from service.sessions import (
+        load_sessions_from_sequences,
+        redact_redis_url,
+        redis_connection_kwargs,
+    )
 
+    shown = redact_redis_url(redis_url)
+    try:
+        connection = redis_connection_kwargs(
+            redis_url,
+            password=redis_password,
+            tls_ca_file=redis_tls_ca_file,
+            tls_cert_file=redis_tls_cert_file,
+            tls_key_file=redis_tls_key_file,
+        )
+    except ValueError as exc:  # TLS files without rediss://, a certificate without its key
+        _fail(f"Redis at {shown}: {exc}")
     try:
         sequences = load_sequences(data, fmt, min_length=1)
-        count = load_sessions_from_sequences(redis_url, sequences, prefix=prefix, max_len=max_len)
+        count = load_sessions_from_sequences(
+            redis_url, sequences, prefix=prefix, max_len=max_len, connection_kwargs=connection
+        )
     except DataError as exc:
         _fail(str(exc))
     except redis.RedisError as exc:
-        _fail(f"Redis at {redis_url}: {exc}")
-    typer.echo(f"loaded sessions of {count} users into {redis_url}")
+        _fail(f"Redis at {shown}: {exc}")
+    typer.echo(f"loaded sessions of {count} users into {shown}")
 
 
 @app.command()
