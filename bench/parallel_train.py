@@ -28,6 +28,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data", required=True)
     parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument(
+        "--format",
+        default="auto",
+        help="auto | csv | tsv | parquet | ml-1m | ml-100k (auto: by name, then by suffix)",
+    )
     parser.add_argument("--max-minutes", type=float, default=7.0)
     parser.add_argument("--epochs", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=512)
@@ -64,6 +69,8 @@ def main() -> int:
             "train",
             "--data",
             args.data,
+            "--format",
+            args.format,
             "--out",
             str(run_dir),
             "--model",
@@ -133,6 +140,7 @@ def main() -> int:
             "seed": seed,
             "best_epoch": meta.get("best_epoch"),
             "epochs_run": meta.get("epochs_run"),
+            "stopped_early": meta.get("stopped_early"),
             "valid_ndcg@10": valid["ndcg@10"],
             **{m: test[m] for m in METRICS},
         }

@@ -7,6 +7,7 @@ The trainer calls ``loss``; the evaluator calls ``full_sort_scores``; the export
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +22,9 @@ class Batch:
     item_seq: torch.Tensor  # [B, L] int64, 0 = padding
     time_lag: torch.Tensor  # [B, L] float32 seconds between target time and each behaviour
     target: torch.Tensor | None = None  # [B] int64
+    # [B] int64 flat positions of the targets (training batches only): lets a model look up
+    # what it prepared for these windows in ``prepare_epoch``.
+    positions: torch.Tensor | None = None
 
 
 def keep_contract_inputs(
@@ -75,6 +79,28 @@ class SequentialRecommender(nn.Module):
         log_q = torch.log(weights / weights.sum()).float()
         self.sample_log_q.copy_(log_q.to(self.sample_log_q.device))
 
+    # False: an epoch visits every training position once, each as the last of its own
+    # window (one target per window).  True: the loss has a target at every position of
+    # the window (the next item; the window's target at the newest), so an epoch visits
+    # each user's newest training position only: the same (prefix, next item) pairs as the
+    # sliding windows in one pass per user, as SASRec's own recipe and SASRec+/gSASRec do.
+    dense_loss: bool = False
+
+    def training_targets(self, train_targets: np.ndarray, train_users: np.ndarray) -> np.ndarray:
+        """The target positions one epoch visits (``train_targets`` are grouped by user,
+        oldest first, as ``data.leave_one_out`` makes them)."""
+        if not self.dense_loss or len(train_targets) == 0:
+            return train_targets
+        newest = np.append(train_users[1:] != train_users[:-1], True)
+        return train_targets[newest]
+
+    def prepare_epoch(
+        self, make_batch: Callable[[torch.Tensor], Batch], targets: torch.Tensor
+    ) -> None:
+        """Called by the trainer before each epoch with the target positions it will visit
+        and how to build their windows; a model may precompute what its loss reads (the
+        default does nothing)."""
+
     def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Training loss and its parts (detached tensors, so logging never syncs the GPU)."""
         raise NotImplementedError
@@ -96,6 +122,15 @@ class SequentialRecommender(nn.Module):
         """Scores of every item token, [B, N + 1]."""
         return self.user_embedding(batch, noise) @ self.item_embeddings().T
 
+    def dense_softmax_loss(
+        self, hidden: torch.Tensor, item_seq: torch.Tensor, target: torch.Tensor
+    ) -> torch.Tensor:
+        """``softmax_loss`` of every window position's output ``hidden`` [B, L, d] against
+        its next item; positions that hold padding are left out."""
+        following = dense_targets(item_seq, target)
+        valid = (item_seq > 0) & (following > 0)
+        return self.softmax_loss(hidden[valid], following[valid])
+
     def softmax_loss(self, user: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of the next item: over the whole corpus (padding excluded), or the
         sampled softmax of :meth:`use_sampled_softmax` when it is on."""
@@ -115,6 +150,11 @@ class SequentialRecommender(nn.Module):
         negative = negative.masked_fill(sampled[None, :] == target[:, None], -1e9)
         logits = torch.cat([positive, negative], dim=1).float()
         return nn.functional.cross_entropy(logits, torch.zeros_like(target))
+
+
+def dense_targets(item_seq: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """[B, L]: the next item of every window position (the window's target at the newest)."""
+    return torch.cat([item_seq[:, 1:], target[:, None]], dim=1)
 
 
 class ExportedTower(nn.Module):

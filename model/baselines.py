@@ -56,9 +56,18 @@ class _Baseline(SequentialRecommender):
     def item_embeddings(self) -> torch.Tensor:
         return self.item_emb.weight
 
+    def hidden(self, item_seq: torch.Tensor) -> torch.Tensor:
+        """[B, L, d]: the user vector after each window position (causal models only)."""
+        raise NotImplementedError(f"{self.model_name} has no per-position outputs")
+
     def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         assert batch.target is not None
-        loss = self.softmax_loss(self.encode(batch.item_seq), batch.target)
+        if self.dense_loss:
+            loss = self.dense_softmax_loss(
+                self.hidden(batch.item_seq), batch.item_seq, batch.target
+            )
+        else:
+            loss = self.softmax_loss(self.encode(batch.item_seq), batch.target)
         return loss, {"tower": loss.detach()}
 
     def user_embedding(self, batch: Batch, noise: torch.Tensor | None = None) -> torch.Tensor:
@@ -76,6 +85,7 @@ class SASRecConfig:
     heads: int = 1
     ffn_mult: int = 1  # FFN hidden = ffn_mult * dim (1 in the original SASRec)
     dropout: float = 0.2
+    dense_loss: bool = False  # a target at every window position (base.dense_loss)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -123,6 +133,7 @@ class SASRec(_Baseline):
     def __init__(self, n_items: int, config: SASRecConfig) -> None:
         super().__init__(n_items, config.dim)
         self.config = config
+        self.dense_loss = config.dense_loss
         self.pos_emb = nn.Embedding(config.max_seq_len, config.dim)
         nn.init.normal_(self.pos_emb.weight, std=EMBEDDING_STD)
         self.input_drop = nn.Dropout(config.dropout)
@@ -133,6 +144,9 @@ class SASRec(_Baseline):
         self.final_norm = nn.LayerNorm(config.dim)
 
     def encode(self, item_seq: torch.Tensor) -> torch.Tensor:
+        return self.hidden(item_seq)[:, item_seq.shape[1] - 1]
+
+    def hidden(self, item_seq: torch.Tensor) -> torch.Tensor:
         length = item_seq.shape[1]
         mask = item_seq > 0  # [B, L]
         keep = mask[:, :, None].to(self.item_emb.weight.dtype)
@@ -148,7 +162,7 @@ class SASRec(_Baseline):
         blocked = (~allowed).to(x.dtype)[:, None, :, :] * NEG_INF
         for block in self.blocks:
             x = block(x, blocked) * keep
-        return self.final_norm(x[:, length - 1])
+        return self.final_norm(x)
 
 
 # --------------------------------------------------------------------------- GRU4Rec
@@ -161,6 +175,7 @@ class GRU4RecConfig:
     hidden: int = 0  # GRU hidden size; 0 = dim
     dropout: float = 0.2  # on the input embeddings
     output_proj: bool = True  # linear hidden -> dim (forced when hidden != dim)
+    dense_loss: bool = False  # a target at every window position (base.dense_loss)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -172,6 +187,7 @@ class GRU4Rec(_Baseline):
     def __init__(self, n_items: int, config: GRU4RecConfig) -> None:
         super().__init__(n_items, config.dim)
         self.config = config
+        self.dense_loss = config.dense_loss
         hidden = config.hidden or config.dim
         self.input_drop = nn.Dropout(config.dropout)
         self.gru = nn.GRU(config.dim, hidden, num_layers=1, batch_first=True)
@@ -184,6 +200,10 @@ class GRU4Rec(_Baseline):
         # only moves the state through the biases, identically for every row of one length.
         states, _ = self.gru(self.input_drop(self.item_emb(item_seq)))
         return self.out(states[:, item_seq.shape[1] - 1])
+
+    def hidden(self, item_seq: torch.Tensor) -> torch.Tensor:
+        states, _ = self.gru(self.input_drop(self.item_emb(item_seq)))
+        return self.out(states)
 
 
 # --------------------------------------------------------------------------- two-tower

@@ -15,6 +15,8 @@ import pandas as pd
 
 INTERACTIONS_FILE = "interactions.csv"
 COLUMNS = ("user_id", "item_id", "timestamp")
+# Other names of the columns, as the shared MovieLens-1M file spells them (position = time).
+COLUMN_ALIASES = {"movie_id": "item_id", "position": "timestamp"}
 
 
 class DataError(ValueError):
@@ -148,7 +150,7 @@ def load_interactions(path: Path, fmt: str = "auto") -> pd.DataFrame:
     try:
         if fmt == "ml-1m":
             frame = pd.read_csv(path, sep="\t", dtype={"user_id": str, "movie_id": str})
-            frame = frame.rename(columns={"movie_id": "item_id", "position": "timestamp"})
+            frame = frame.rename(columns=COLUMN_ALIASES)
         elif fmt == "ml-100k":
             frame = pd.read_csv(
                 path,
@@ -159,8 +161,13 @@ def load_interactions(path: Path, fmt: str = "auto") -> pd.DataFrame:
             )
         elif fmt in ("csv", "tsv"):
             frame = pd.read_csv(
-                path, sep="," if fmt == "csv" else "\t", dtype={"user_id": str, "item_id": str}
+                path,
+                sep="," if fmt == "csv" else "\t",
+                dtype={"user_id": str, "item_id": str, "movie_id": str},
             )
+            # A log in the shared MovieLens layout under another name (``movie_id``,
+            # ``position`` as the time) reads the same as ``sequences.tsv``.
+            frame = frame.rename(columns=COLUMN_ALIASES)
         elif fmt == "parquet":
             frame = pd.read_parquet(path)
         else:

@@ -219,7 +219,7 @@ class FastUNetSteps(nn.Module):
         cfg = model.config
         unet: UNet1D = model.unet
         schedule = model.schedule
-        steps, length, dim = cfg.diffusion_steps, cfg.max_seq_len, cfg.dim
+        steps, length, dim = cfg.diffusion_steps, model.diffusion_length, cfg.dim
         self.steps, self.length, self.dim, self.drift = steps, length, dim, cfg.drift
         levels = len(unet.down)
         lengths = [length]
@@ -557,7 +557,9 @@ class FastTower(nn.Module):
     ) -> torch.Tensor:
         batch = Batch(item_seq, time_lag)
         x = self.model.item_emb(item_seq)
-        x_next = self.steps(x, noise) if self.steps is not None else None
+        x_next = (
+            self.steps(self.model.diffusion_window(x), noise) if self.steps is not None else None
+        )
         user = self.model._tower(batch, x, x_next)
         return keep_contract_inputs(user, batch, noise)
 
@@ -580,7 +582,7 @@ class FastDiffusionPart(nn.Module):
         self.one_sample = one_sample
 
     def forward(self, item_seq: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        x = self.model.item_emb(item_seq)
+        x = self.model.diffusion_window(self.model.item_emb(item_seq))
         return self.steps(x[0], noise)[None] if self.one_sample else self.steps(x, noise)
 
 

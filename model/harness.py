@@ -43,7 +43,9 @@ class DeviceSequences:
         item_seq = torch.where(valid, self.items[safe], 0)
         lag = (self.timestamps[targets][:, None] - self.timestamps[safe]).float()
         time_lag = torch.where(valid, lag, 0.0)
-        return Batch(item_seq=item_seq, time_lag=time_lag, target=self.items[targets])
+        return Batch(
+            item_seq=item_seq, time_lag=time_lag, target=self.items[targets], positions=targets
+        )
 
     def seen_items(self, targets: torch.Tensor) -> torch.Tensor:
         """Every item before each target (not only the window), 0-padded: [B, max prefix]."""
@@ -61,7 +63,9 @@ def rank_targets(
     targets: np.ndarray,
     max_len: int,
     exclude_seen: bool = True,
-    batch_size: int = 512,
+    # Large enough that the T-step reverse process of a diffusion tower runs in few calls
+    # (eager PyTorch on a GPU is bound by kernel launches, not by the batch).
+    batch_size: int = 2048,
     noise_seed: int = 0,
 ) -> np.ndarray:
     """0-based rank of each target among all items (ties count against the target)."""

@@ -15,6 +15,7 @@ are listed in ``docs/model.md``):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 
 from model.base import Batch, SequentialRecommender, keep_contract_inputs
+from model.baselines import CausalBlock
 from model.schedule import NoiseSchedule
 from model.unet import UNet1D
 
@@ -58,6 +60,30 @@ class T2DiffConfig:
     # 0: full softmax over the corpus (ML-1M fits); N: a sampled softmax with N negatives
     # drawn by popularity ** 0.75 and the log-Q correction, for corpora that do not fit.
     negatives: int = 0
+    # "session": the paper's mixed attention (the last ``session_len`` behaviours plus
+    # xhat through one self-attention block, mean-pooled; DIN over the older ones).
+    # "causal": a causal transformer over the whole window with learned positions (the
+    # SASRec encoder), xhat appended as the newest token, whose output is h_s; DIN of h_s
+    # over the whole window with the time-lag feature; e_u = h_s + FFN([h_l, h_s]).
+    encoder: str = "session"
+    # > 0: the diffusion module reads only the newest ``diffusion_len`` behaviours of the
+    # window (its reverse process costs T U-Net passes over them); 0: the whole window.
+    diffusion_len: int = 0
+    blocks: int = 2  # causal transformer blocks ("causal" encoder)
+    # True ("causal" encoder only): the encoder's output after every window position is
+    # also trained on that position's next item (base.dense_loss), as SASRec is.
+    dense_loss: bool = False
+    # "one_step": the tower sees xhat from the training step's own U-Net pass at step r
+    # (the paper's Algorithm 1; see ``tower_xhat_min_step_frac``).  "reverse": the tower
+    # sees what serving feeds it, the T reverse steps from pure noise (gradient-free).
+    tower_xhat: str = "one_step"
+    # > 0: a softmax loss on the one-step xhat itself against the (detached) item table,
+    # weighted so: the U-Net learns to make xhat a good next-item query, not only a
+    # reconstruction of the drift.  The tower loss still never reaches the U-Net.
+    xhat_softmax_weight: float = 0.0
+    # "all": L_KL over every window position (the paper); "last": only the newest, the one
+    # position whose target is not in the condition X.
+    kl_positions: str = "all"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -115,7 +141,16 @@ class T2Diff(SequentialRecommender):
             raise ValueError("t2diff needs negatives >= 0 (0 = full softmax)")
         if config.negatives > 0:
             self.use_sampled_softmax(config.negatives, popularity)
+        if config.encoder not in ("session", "causal"):
+            raise ValueError("t2diff's encoder is 'session' or 'causal'")
+        if config.tower_xhat not in ("one_step", "reverse"):
+            raise ValueError("t2diff's tower_xhat is 'one_step' or 'reverse'")
+        if config.kl_positions not in ("all", "last"):
+            raise ValueError("t2diff's kl_positions is 'all' or 'last'")
+        if config.dense_loss and config.encoder != "causal":
+            raise ValueError("t2diff's dense_loss needs encoder='causal'")
         self.config = config
+        self.dense_loss = config.dense_loss
         d = config.dim
         self.item_emb = nn.Embedding(n_items + 1, d, padding_idx=0)
         nn.init.normal_(self.item_emb.weight, std=0.05)
@@ -129,9 +164,18 @@ class T2Diff(SequentialRecommender):
             config.sigma_mode,  # type: ignore[arg-type]
         )
         self.unet = UNet1D(d, config.unet_width, config.unet_levels)
-        self.session_pos = nn.Embedding(config.session_len + 1, d)
-        self.session_attn = SelfAttentionBlock(d, config.heads, config.dropout)
-        self.session_norm = nn.LayerNorm(d)
+        if config.encoder == "causal":
+            # positions 0..L-1 for the window, L for the xhat token
+            self.causal_pos = nn.Embedding(config.max_seq_len + 1, d)
+            nn.init.normal_(self.causal_pos.weight, std=0.05)
+            self.causal_blocks = nn.ModuleList(
+                CausalBlock(d, config.heads, 1, config.dropout) for _ in range(config.blocks)
+            )
+            self.causal_norm = nn.LayerNorm(d)
+        else:
+            self.session_pos = nn.Embedding(config.session_len + 1, d)
+            self.session_attn = SelfAttentionBlock(d, config.heads, config.dropout)
+            self.session_norm = nn.LayerNorm(d)
         self.lag_proj = nn.Linear(1, 8)
         self.din = nn.Sequential(nn.Linear(4 * d + 8, 64), nn.SiLU(), nn.Linear(64, 1))
         self.user_ffn = nn.Sequential(
@@ -146,19 +190,41 @@ class T2Diff(SequentialRecommender):
 
     @property
     def noise_shape(self) -> tuple[int, ...]:
-        return (self.config.diffusion_steps, self.config.max_seq_len, self.config.dim)
+        return (self.config.diffusion_steps, self.diffusion_length, self.config.dim)
+
+    @property
+    def diffusion_length(self) -> int:
+        """How many of the window's newest behaviours the diffusion module reads."""
+        cfg = self.config
+        return min(cfg.diffusion_len, cfg.max_seq_len) if cfg.diffusion_len > 0 else cfg.max_seq_len
+
+    def diffusion_window(self, x: torch.Tensor) -> torch.Tensor:
+        """The newest ``diffusion_length`` positions of ``x`` [B, L, ...] (all when shorter)."""
+        keep = min(self.diffusion_length, x.shape[1])
+        return x[:, x.shape[1] - keep :]
 
     def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         assert batch.target is not None
         x = self.item_emb(batch.item_seq)
-        if self.config.use_diffusion:
-            x_next, diffusion_loss = self._diffusion_train(batch.item_seq, x, batch.target)
+        cfg = self.config
+        parts: dict[str, torch.Tensor] = {}
+        if cfg.use_diffusion:
+            x_next, diffusion_loss, xhat_loss = self._diffusion_train(batch, x)
+            if cfg.xhat_softmax_weight > 0:
+                parts["xhat"] = xhat_loss.detach()
         else:
-            x_next, diffusion_loss = None, x.new_zeros(())
-        user = self._tower(batch, x, x_next)
+            x_next, diffusion_loss, xhat_loss = None, x.new_zeros(()), x.new_zeros(())
+        user, hidden = self._encode(batch, x, x_next)
         tower_loss = self.softmax_loss(user, batch.target)
-        total = tower_loss + self.config.diffusion_weight * diffusion_loss
-        return total, {"tower": tower_loss.detach(), "diffusion": diffusion_loss.detach()}
+        if self.dense_loss:
+            # The encoder's own output after each window position, on its next item.
+            dense = self.dense_softmax_loss(hidden, batch.item_seq, batch.target)
+            parts["dense"] = dense.detach()
+            tower_loss = tower_loss + dense
+        total = (
+            tower_loss + cfg.diffusion_weight * diffusion_loss + cfg.xhat_softmax_weight * xhat_loss
+        )
+        return total, {"tower": tower_loss.detach(), "diffusion": diffusion_loss.detach(), **parts}
 
     def user_embedding(self, batch: Batch, noise: torch.Tensor | None = None) -> torch.Tensor:
         x = self.item_emb(batch.item_seq)
@@ -168,11 +234,16 @@ class T2Diff(SequentialRecommender):
     # ------------------------------------------------------------------ diffusion
 
     def _diffusion_train(
-        self, item_seq: torch.Tensor, x: torch.Tensor, target: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Algorithm 1: one random step r per row; returns (xhat_{n+1}, L_KL)."""
+        self, batch: Batch, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Algorithm 1: one random step r per row; returns (xhat_{n+1} for the tower, L_KL,
+        the softmax loss of the one-step xhat, 0 unless ``xhat_softmax_weight``)."""
+        target = batch.target
+        assert target is not None
+        cfg = self.config
+        item_seq = self.diffusion_window(batch.item_seq)
         # Stop-gradient: the diffusion module sees frozen embeddings.
-        x_in = x.detach()
+        x_in = self.diffusion_window(x.detach())
         target_emb = self.item_emb(target).detach()
         x_full = torch.cat([x_in, target_emb[:, None, :]], dim=1)  # X_{1:n+1}
         z0 = x_full[:, 1:] - x_full[:, :-1] if self.config.drift else x_full[:, 1:]
@@ -182,8 +253,21 @@ class T2Diff(SequentialRecommender):
         z0_hat = self.unet(zt, cond, x_in, self.unet.step_features(t))
         # Positions whose left element is padding carry no drift (their X is zero).
         valid = (item_seq > 0).to(z0.dtype)
+        if cfg.kl_positions == "last":
+            valid = torch.zeros_like(valid)
+            valid[:, valid.shape[1] - 1] = 1.0
         per_position = (z0_hat - z0).pow(2).sum(-1)
         diffusion_loss = (per_position * valid).sum() / valid.sum().clamp(min=1.0)
+        xhat_loss = diffusion_loss.new_zeros(())
+        if cfg.xhat_softmax_weight > 0:
+            # The one-step xhat as a query over the frozen item table: gradients reach the
+            # U-Net only (stop-gradient on the table, as on every input of the module).
+            query = self._utilise(z0_hat, x_in)
+            logits = query @ self.item_emb.weight.detach().T
+            logits[:, 0] = torch.finfo(logits.dtype).min
+            xhat_loss = nn.functional.cross_entropy(logits.float(), target)
+        if cfg.tower_xhat == "reverse":
+            return self._served_xhat(batch, x_in), diffusion_loss, xhat_loss
         frac = self.config.tower_xhat_min_step_frac
         if frac > 0:
             steps = self.schedule.steps
@@ -192,7 +276,45 @@ class T2Diff(SequentialRecommender):
                 t_tower = torch.randint(low, steps, (x.shape[0],), device=x.device)
                 zt_tower = self.schedule.add_noise(z0, torch.randn_like(z0), t_tower)
                 z0_hat = self.unet(zt_tower, cond, x_in, self.unet.step_features(t_tower))
-        return self._utilise(z0_hat, x_in).detach(), diffusion_loss
+        return self._utilise(z0_hat, x_in).detach(), diffusion_loss, xhat_loss
+
+    @torch.no_grad()
+    def prepare_epoch(
+        self, make_batch: Callable[[torch.Tensor], Batch], targets: torch.Tensor
+    ) -> None:
+        """With ``tower_xhat="reverse"``: the served xhat (T reverse steps from one noise
+        draw of this epoch) of every window the epoch visits, computed in large batches now
+        rather than per training step (eager T-step loops are bound by kernel launches);
+        the U-Net moves little within an epoch."""
+        self._epoch_xhat = None
+        if not (self.config.use_diffusion and self.config.tower_xhat == "reverse"):
+            return
+        positions = torch.sort(targets).values
+        noise = torch.randn(self.noise_shape, device=positions.device)
+        was_training = self.training
+        self.eval()
+        rows = [
+            self.reconstruct(self.item_emb(make_batch(chunk).item_seq), noise)
+            for chunk in positions.split(2048)
+        ]
+        self.train(was_training)
+        self._epoch_xhat = (positions, torch.cat(rows))
+
+    def _served_xhat(self, batch: Batch, x_in: torch.Tensor) -> torch.Tensor:
+        """What serving feeds the tower for ``batch``: from ``prepare_epoch`` when it holds
+        these windows, else the T reverse steps now (gradient-free, dropout off)."""
+        prepared = getattr(self, "_epoch_xhat", None)
+        if prepared is not None and batch.positions is not None:
+            positions, xhat = prepared
+            index = torch.searchsorted(positions, batch.positions).clamp(max=len(positions) - 1)
+            if bool((positions[index] == batch.positions).all()):
+                return xhat[index].to(x_in.dtype)
+        with torch.no_grad():
+            was_training = self.unet.training
+            self.unet.eval()
+            x_next = self.reconstruct(x_in)
+            self.unet.train(was_training)
+        return x_next
 
     def _utilise(self, z0_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Eq. 18: the last position of ``zhat_0 + X`` (or of ``zhat_0`` without drift)."""
@@ -203,7 +325,7 @@ class T2Diff(SequentialRecommender):
         steps = self.schedule.steps
         if noise is None:
             noise = torch.randn(self.noise_shape, device=x.device, dtype=x.dtype)
-        x = x.detach()
+        x = self.diffusion_window(x.detach())
         zt = noise[0].expand_as(x)
         cond = self.unet.condition(x)  # computed once, not T times
         step_table = self.unet.step_features(torch.arange(steps, device=x.device))
@@ -232,6 +354,64 @@ class T2Diff(SequentialRecommender):
         return after == 0
 
     def _tower(self, batch: Batch, x: torch.Tensor, x_next: torch.Tensor | None) -> torch.Tensor:
+        """The mixed-attention half: ``e_u`` from the window ``x`` and ``xhat_{n+1}``."""
+        return self._encode(batch, x, x_next)[0]
+
+    def _encode(
+        self, batch: Batch, x: torch.Tensor, x_next: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(``e_u`` [B, d], the causal encoder's output after each position [B, L, d] or
+        ``e_u`` again for the session encoder, which has none)."""
+        if self.config.encoder == "causal":
+            return self._causal_tower(batch, x, x_next)
+        user = self._session_tower(batch, x, x_next)
+        return user, user
+
+    def _din(
+        self, h_s: torch.Tensor, history: torch.Tensor, mask: torch.Tensor, lag: torch.Tensor
+    ) -> torch.Tensor:
+        """DIN target attention of ``h_s`` over ``history`` with the time-lag feature."""
+        lag = torch.log1p(lag.clamp(min=0))[..., None]
+        query = h_s[:, None, :].expand_as(history)
+        features = torch.cat(
+            [history, history - query, history * query, query, self.lag_proj(lag / 10.0)], dim=2
+        )
+        scores = self.din(features).squeeze(2)
+        scores = scores + (~mask).to(scores.dtype) * NEG_INF
+        attn = scores.softmax(dim=1) * mask.to(scores.dtype)
+        return (attn[..., None] * history).sum(1)
+
+    def _causal_tower(
+        self, batch: Batch, x: torch.Tensor, x_next: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.config
+        mask = batch.item_seq > 0
+        batch_size, length = mask.shape
+        # Right-aligned positions: the newest behaviour always gets position max_len - 1.
+        start = cfg.max_seq_len - length
+        seq = x + self.causal_pos.weight[start : cfg.max_seq_len]
+        if x_next is not None:
+            token = x_next + self.causal_pos.weight[cfg.max_seq_len]
+            seq = torch.cat([seq, token[:, None, :]], dim=1)
+            mask = torch.cat([mask, mask.new_ones(batch_size, 1)], dim=1)
+        keep = mask[:, :, None].to(seq.dtype)
+        seq = self.input_drop(seq) * keep
+        total = seq.shape[1]
+        steps = torch.arange(total, device=seq.device)
+        causal = steps[None, :] <= steps[:, None]
+        allowed = causal[None, :, :] & mask[:, None, :]
+        blocked = (~allowed).to(seq.dtype)[:, None, :, :] * NEG_INF
+        for block in self.causal_blocks:
+            seq = block(seq, blocked) * keep
+        hidden = self.causal_norm(seq)
+        h_s = hidden[:, total - 1]
+        h_l = self._din(h_s, x, batch.item_seq > 0, batch.time_lag)
+        user = h_s + self.user_ffn(torch.cat([h_l, h_s], dim=1))
+        return user, hidden[:, :length]
+
+    def _session_tower(
+        self, batch: Batch, x: torch.Tensor, x_next: torch.Tensor | None
+    ) -> torch.Tensor:
         cfg = self.config
         mask = batch.item_seq > 0
         x = self.input_drop(x)
@@ -258,15 +438,7 @@ class T2Diff(SequentialRecommender):
         weights = session_mask.to(encoded.dtype)[..., None]
         h_s = self.session_norm((encoded * weights).sum(1) / weights.sum(1).clamp(min=1.0))
         # History: DIN target attention with the time-lag feature.
-        lag = torch.log1p(history_lag.clamp(min=0))[..., None]
-        query = h_s[:, None, :].expand_as(history)
-        features = torch.cat(
-            [history, history - query, history * query, query, self.lag_proj(lag / 10.0)], dim=2
-        )
-        scores = self.din(features).squeeze(2)
-        scores = scores + (~history_mask).to(scores.dtype) * NEG_INF
-        attn = scores.softmax(dim=1) * history_mask.to(scores.dtype)
-        h_l = (attn[..., None] * history).sum(1)
+        h_l = self._din(h_s, history, history_mask, history_lag)
         return self.user_ffn(torch.cat([h_l, h_s], dim=1))
 
 

@@ -157,7 +157,9 @@ def train_run(
         np.save(run_dir / "item_popularity.npy", popularity[1:])
 
     sequences = DeviceSequences.from_data(data, device)
-    train_targets = torch.as_tensor(split.train_targets, device=device)
+    train_targets = torch.as_tensor(
+        model.training_targets(split.train_targets, split.train_users), device=device
+    )
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.lr, weight_decay=config.weight_decay
     )
@@ -192,6 +194,7 @@ def train_run(
         )
     if config.compile and trainable:
         loss_module = torch.compile(loss_module)  # type: ignore[assignment]
+    stop_reason = "max_epochs"
     for epoch in range(start_epoch, epochs):
         model.train()
         order = train_targets[
@@ -201,6 +204,8 @@ def train_run(
         if dist_info.world_size > 1:
             # Equal shard lengths: every rank must run the same number of steps.
             order = order[: len(train_targets) // dist_info.world_size]
+        if trainable:
+            model.prepare_epoch(lambda chunk: sequences.batch(chunk, max_len), order)
         n_batches = math.ceil(len(order) / config.batch_size) if trainable else 0
         if config.compile:
             # Whole batches only: a smaller last batch would recompile the graph.
@@ -266,7 +271,10 @@ def train_run(
             config.max_minutes is not None
             and (time.monotonic() - started) / 60 > config.max_minutes
         )
-        stop = epoch - best_epoch >= config.patience or out_of_time
+        patience_out = epoch - best_epoch >= config.patience
+        stop = patience_out or out_of_time
+        if stop:
+            stop_reason = "early_stopping" if patience_out else "max_minutes"
         if _broadcast_stop(dist_info, device, stop) or stop:
             break
     if writer is not None:
@@ -275,6 +283,10 @@ def train_run(
         "best_epoch": best_epoch,
         f"best_valid_{config.select_metric}": best_score,
         "epochs_run": len(history),
+        # True only when validation stopped improving for ``patience`` epochs; a run cut
+        # by ``max_minutes`` (resume it) or by ``epochs`` has not converged by that test.
+        "stopped_early": stop_reason == "early_stopping",
+        "stop_reason": stop_reason,
         "train_minutes": (time.monotonic() - started) / 60,
     }
     meta.update(summary)
