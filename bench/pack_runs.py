@@ -1,0 +1,54 @@
+"""Pack a GPU call's training runs into files that fit the device tool's return limits.
+
+``python bench/pack_runs.py OUT_DIR RUNS_DIR...`` writes ``OUT_DIR/results.tgz`` (every
+run without checkpoints or TensorBoard files) and ``OUT_DIR/ckpt-N.tar`` (the
+``checkpoint.pt`` of each run that has not stopped early, at most ``--part-mb`` per tar),
+so a later call can ``--resume`` the unfinished runs to early stopping.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tarfile
+from pathlib import Path
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("out", type=Path)
+    parser.add_argument("runs", nargs="+", type=Path)
+    parser.add_argument("--part-mb", type=float, default=15.5)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    unfinished: list[Path] = []
+    with tarfile.open(args.out / "results.tgz", "w:gz") as tar:
+        for root in args.runs:
+            tar.add(
+                root,
+                filter=lambda info: (
+                    None if info.name.endswith("checkpoint.pt") or "/tb" in info.name else info
+                ),
+            )
+            for meta_path in sorted(root.glob("*/run.json")):
+                meta = json.loads(meta_path.read_text())
+                checkpoint = meta_path.parent / "checkpoint.pt"
+                if not meta.get("stopped_early") and checkpoint.is_file():
+                    unfinished.append(checkpoint)
+    part, size, tar = 0, 0.0, None
+    for checkpoint in unfinished:
+        mb = checkpoint.stat().st_size / 2**20
+        if tar is None or size + mb > args.part_mb:
+            if tar is not None:
+                tar.close()
+            tar, size, part = tarfile.open(args.out / f"ckpt-{part}.tar", "w"), 0.0, part + 1
+        tar.add(checkpoint)
+        size += mb
+    if tar is not None:
+        tar.close()
+    print(f"packed {len(unfinished)} unfinished checkpoint(s) into {part} tar(s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
