@@ -175,16 +175,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/readyz")
     async def readyz(request: Request) -> JSONResponse:
+        # Ready = can answer: tower and index loaded.  Redis down only degrades answers (the
+        # popular items), so it is a field here, never the status: a Redis blip must not
+        # take every pod out of the load balancer.
         state = _state(request)
-        reasons = await state.readiness()
-        if reasons:
-            return JSONResponse({"status": "unavailable", "reasons": reasons}, status_code=503)
+        ready = await state.readiness()
+        redis: dict[str, str] = {"redis": ready.redis}
+        if ready.redis_error is not None:
+            redis["redis_error"] = ready.redis_error
+        if ready.reasons:
+            return JSONResponse(
+                {"status": "unavailable", "reasons": ready.reasons, **redis}, status_code=503
+            )
         assert state.engine is not None
         return JSONResponse(
             {
                 "status": "ready",
                 "model_version": state.engine.model_version,
                 "index_version": state.engine.index_version,
+                **redis,
             }
         )
 

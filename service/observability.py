@@ -132,6 +132,12 @@ class Metrics:
             ["op", "kind"],
             registry=r,
         )
+        self.redis_up = Gauge(
+            "t2diff_redis_up",
+            "1 when the last Redis call (session read or write, /readyz ping) succeeded, "
+            "else 0; Redis down degrades answers but does not make the service unready",
+            registry=r,
+        )
         self.in_flight = Gauge(
             "t2diff_in_flight_requests", "Requests being served (recall + events)", registry=r
         )

@@ -19,7 +19,9 @@ import gc
 import logging
 import os
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +53,10 @@ REDIS_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
 # than a readiness probe's timeout (deploy/k8s: 2 s), and enough for a warm that finds few
 # users to end first (tests, a fresh deployment).
 WARM_READY_WAIT_S = 0.5
+# How long /readyz waits for Redis's PONG: with the warm wait above, well under the
+# readiness probe's 2 s timeout even when Redis is a black hole (a probe that times out
+# would take the pod out of the Service, which is what Redis must never do).
+REDIS_PING_WAIT_S = 0.5
 
 
 def reason_of(exc: BaseException) -> str:
@@ -63,11 +69,15 @@ class RedisBreaker:
     waiting on a dead Redis); then calls are let through again, and the first success
     closes it."""
 
-    def __init__(self, failures: int, open_s: float) -> None:
+    def __init__(
+        self, failures: int, open_s: float, on_outcome: Callable[[bool], None] | None = None
+    ) -> None:
         self.failures = failures
         self.open_s = open_s
         self._consecutive = 0
         self._open_until = 0.0
+        # Told each call's outcome (True: success): the Redis health gauge.
+        self._on_outcome = on_outcome
 
     def allow(self) -> bool:
         return time.monotonic() >= self._open_until
@@ -79,11 +89,27 @@ class RedisBreaker:
     def success(self) -> None:
         self._consecutive = 0
         self._open_until = 0.0
+        if self._on_outcome is not None:
+            self._on_outcome(True)
 
     def failure(self) -> None:
         self._consecutive += 1
         if self._consecutive >= self.failures:
             self._open_until = time.monotonic() + self.open_s
+        if self._on_outcome is not None:
+            self._on_outcome(False)
+
+
+@dataclass(frozen=True)
+class Readiness:
+    """What ``/readyz`` reports.  ``reasons``: why the service cannot answer (no tower, no
+    index, a mismatch between them, the startup warm still running); empty when it can.
+    Redis is not one of them: without it ``/recall`` still answers (the popular items,
+    ``degraded``), so its health is reported beside readiness, never as a reason."""
+
+    reasons: dict[str, str]
+    redis: str  # "up" or "down"
+    redis_error: str | None = None
 
 
 def resolve(path: Path) -> str:
@@ -103,7 +129,9 @@ class ServiceState:
         self.errors: dict[str, str] = {}
         self.batcher: MicroBatcher | None = None
         self.breaker = RedisBreaker(
-            settings.redis_breaker_failures, settings.redis_breaker_open_ms / 1000
+            settings.redis_breaker_failures,
+            settings.redis_breaker_open_ms / 1000,
+            on_outcome=self._redis_outcome,
         )
         self._reload_lock = asyncio.Lock()
         self._last_attempt: tuple[str, str] | None = None
@@ -140,6 +168,8 @@ class ServiceState:
         except Exception as exc:  # e.g. a malformed URL: report it, do not crash
             self.errors["redis"] = reason_of(exc)
             log.error("session store not configured: %s", self.errors["redis"])
+        if await self.redis_health() is not None:  # also sets the gauge from the start
+            log.warning("Redis unreachable at start: recalls answer degraded until it is back")
         self.batcher = MicroBatcher(
             settings.inference_concurrency,
             settings.max_batch,
@@ -184,16 +214,30 @@ class ServiceState:
         if self.store is not None:
             await self.store.close()
 
-    async def readiness(self) -> dict[str, str]:
-        """Reasons the service cannot answer now; empty when ready."""
-        reasons = dict(self.errors)
-        if self.store is not None:
+    def _redis_outcome(self, ok: bool) -> None:
+        self.metrics.redis_up.set(1 if ok else 0)
+
+    async def redis_health(self) -> str | None:
+        """None when Redis answers a PING now, else why not; sets the ``t2diff_redis_up``
+        gauge either way."""
+        if self.store is None:
+            error = self.errors.get("redis", "no session store")
+        else:
             try:
-                await asyncio.wait_for(
-                    self.store.ping(), self.settings.redis_connect_timeout_ms / 1000 + 1
-                )
+                await asyncio.wait_for(self.store.ping(), REDIS_PING_WAIT_S)
+                error = None
             except REDIS_ERRORS as exc:
-                reasons["redis"] = f"cannot reach Redis: {reason_of(exc)}"
+                error = f"cannot reach Redis: {reason_of(exc)}"
+        self._redis_outcome(error is None)
+        return error
+
+    async def readiness(self) -> Readiness:
+        """Whether the service can answer now (model and index loaded), and Redis's health
+        beside it (not part of readiness: see :class:`Readiness`)."""
+        # A session store that could not even be configured (a malformed URL) is a reason:
+        # /recall answers 503 without one.  Redis merely unreachable is not.
+        reasons = dict(self.errors)
+        redis_error = await self.redis_health()
         task = self._warm_task
         if task is not None and not task.done():
             await asyncio.wait({task}, timeout=WARM_READY_WAIT_S)  # never cancels it
@@ -203,7 +247,7 @@ class ServiceState:
                     f"{self.warm.users} sessions, for at most "
                     f"{self.settings.xhat_warm_seconds:g}s"
                 )
-        return reasons
+        return Readiness(reasons, "down" if redis_error else "up", redis_error)
 
     # ------------------------------------------------------------------ near-line xhat
 

@@ -99,7 +99,9 @@ def test_redis_down_then_back(version: tuple[Path, Path], redis_proc: RedisServe
         # Writes cannot be degraded: 503 with Retry-After, quickly.
         write = client.post("/events", json={"user_id": "u", "item_id": item_id(4)})
         assert write.status_code == 503 and write.headers["retry-after"] == "1"
-        assert client.get("/readyz").status_code == 503
+        # Still ready (it answers, degraded), with Redis's state in the body.
+        ready = client.get("/readyz")
+        assert ready.status_code == 200 and ready.json()["redis"] == "down", ready.text
         assert client.get("/healthz").status_code == 200
         metrics = client.get("/metrics").text
         assert 't2diff_degraded_total{reason="redis_error"}' in metrics
@@ -110,7 +112,46 @@ def test_redis_down_then_back(version: tuple[Path, Path], redis_proc: RedisServe
         warm_user(client)
         wait_full_answer(client, within_s=2.0)
         assert time.perf_counter() - back < 2.0
-        assert client.get("/readyz").status_code == 200
+        ready = client.get("/readyz")
+        assert ready.status_code == 200 and ready.json()["redis"] == "up", ready.text
+
+
+def redis_up_gauge(client: TestClient) -> float:
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith("t2diff_redis_up "):
+            return float(line.split()[1])
+    raise AssertionError("no t2diff_redis_up in /metrics")
+
+
+def test_redis_killed_keeps_the_service_ready_and_answering(
+    version: tuple[Path, Path], redis_proc: RedisServer
+) -> None:
+    """Readiness means "can answer": a Redis crash must not take the pod out of the load
+    balancer, since /recall still answers (the popular items, degraded).  Redis's health is
+    a field of /readyz's body and the t2diff_redis_up gauge."""
+    with make_client(version, redis_proc.url) as client:
+        warm_user(client)
+        ready = client.get("/readyz")
+        assert ready.status_code == 200 and ready.json()["redis"] == "up", ready.text
+        assert redis_up_gauge(client) == 1.0
+        redis_proc.kill()  # SIGKILL: gone at once, as in a crash
+        ready = client.get("/readyz")
+        assert ready.status_code == 200, ready.text
+        body = ready.json()
+        assert body["status"] == "ready" and body["model_version"] == TINY_MODEL_VERSION
+        assert body["redis"] == "down" and "cannot reach Redis" in body["redis_error"]
+        assert "reasons" not in body
+        assert redis_up_gauge(client) == 0.0
+        recall, _ = timed_recall(client)
+        assert recall["degraded"] is True and len(recall["items"]) == 5
+        assert recall["degraded_reason"] in {"redis_error", "redis_timeout", "redis_circuit_open"}
+        assert client.get("/readyz").status_code == 200  # still, after failed reads too
+        redis_proc.start()
+        deadline = time.monotonic() + 30  # a bound on waiting, not a timing claim
+        while client.get("/readyz").json()["redis"] != "up":
+            assert time.monotonic() < deadline, "Redis never reported up again"
+            time.sleep(0.05)
+        assert redis_up_gauge(client) == 1.0
 
 
 def test_redis_paused_answers_within_budget(

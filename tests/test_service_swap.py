@@ -66,7 +66,7 @@ def promote(root: Path, version: str) -> None:
 
 def versions(client: TestClient, timeout_s: float = 10.0) -> tuple[str, str]:
     """The loaded versions from ``/readyz``; retried while it answers 503 without them
-    (its Redis probe can time out on a loaded machine)."""
+    (the startup warm can outlast its short wait on a loaded machine)."""
     deadline = time.monotonic() + timeout_s
     while True:
         body = client.get("/readyz").json()
