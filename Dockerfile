@@ -1,5 +1,3 @@
-# syntax=docker/dockerfile:1.7
-#
 # T2Diff recall service images.  Targets:
 #
 #   runtime (default, last stage)  the serving image; VARIANT=cpu|gpu picks its base:
@@ -13,9 +11,23 @@
 # needs, so a cpu build never pulls the CUDA base.  Base images are pinned by tag; pin them
 # by digest too (@sha256:...) in a release pipeline.
 #
-# Dependencies are installed from pyproject.toml *before* the source is copied
-# (deploy/scripts/pyproject_deps.py), so editing code does not re-download them; the
-# project itself is then installed with --no-deps.  The result equals `pip install .[EXTRAS]`.
+# No `# syntax=` line: the Dockerfile front end built into BuildKit reads it, so a build
+# needs no registry but the one holding the base images.
+#
+# Dependencies are installed from the lock files (requirements/*.lock, `make lock`
+# regenerates them from pyproject.toml) *before* the source is copied, so editing code does
+# not re-download them; the project itself is then installed with --no-deps.  Every image
+# gets the same versions, whenever it is built.
+#
+# Package index: pip reads the build ARGs PIP_INDEX_URL, PIP_EXTRA_INDEX_URL,
+# PIP_TRUSTED_HOST and PIP_CERT from each RUN's environment (an ARG given no value is unset
+# there, and none is kept in the image's environment).  Behind a mirror with its own CA:
+#       docker build --build-arg PIP_INDEX_URL=https://mirror.example/pypi/simple \
+#           --secret id=pip_ca,src=ca-bundle.pem --build-arg PIP_CERT=/run/secrets/pip_ca .
+# The CA bundle (PEM, every CA pip must trust) comes in as a build secret, mounted into each
+# pip RUN only, never a layer.  ARG values show in `docker history`: put no credentials in
+# an index URL (use a netrc secret or the mirror's token auth instead).  The trainer's CPU
+# torch wheel comes from TORCH_CPU_INDEX, the tower worker's CUDA one from TORCH_CUDA_INDEX.
 
 ARG VARIANT=cpu
 ARG PYTHON_IMAGE=python:3.11.13-slim-bookworm
@@ -24,22 +36,26 @@ ARG CUDA_IMAGE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04
 # ---------------------------------------------------------------------------------------
 # cpu: build a virtualenv with .[serve] (no torch) and copy it into a clean slim image.
 FROM ${PYTHON_IMAGE} AS build-cpu
+ARG PIP_INDEX_URL
+ARG PIP_EXTRA_INDEX_URL
+ARG PIP_TRUSTED_HOST
+ARG PIP_CERT
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
-COPY deploy/scripts/pyproject_deps.py deploy/scripts/check_image.py /tmp/
+COPY deploy/scripts/check_image.py /tmp/
+COPY requirements/serve.lock /tmp/
+RUN --mount=type=secret,id=pip_ca pip install --no-cache-dir -r /tmp/serve.lock
 COPY pyproject.toml ./
-RUN python /tmp/pyproject_deps.py pyproject.toml serve > /tmp/requirements.txt \
-    && pip install --no-cache-dir -r /tmp/requirements.txt
 COPY README.md ./
 COPY contracts/ contracts/
 COPY model/ model/
 COPY index_builder/ index_builder/
 COPY service/ service/
 COPY t2diff_cli/ t2diff_cli/
-RUN pip install --no-cache-dir --no-deps . \
+RUN --mount=type=secret,id=pip_ca pip install --no-cache-dir --no-deps . \
     && pip check \
     && python /tmp/check_image.py --present t2diff-recall onnxruntime faiss-cpu \
         --absent torch onnxruntime-gpu --import service.app \
@@ -55,12 +71,15 @@ COPY --from=build-cpu /opt/venv /opt/venv
 
 # ---------------------------------------------------------------------------------------
 # gpu: the same on a CUDA 12 + cuDNN 9 runtime base with onnxruntime-gpu and faiss-gpu-cu12
-# (.[serve,gpu] minus the CPU builds of the same modules, which would overwrite them).
-# Ubuntu 24.04's Python is 3.12 (the project needs >= 3.11).  The pins keep both wheels on
-# CUDA 12: onnxruntime-gpu >= 1.27 on PyPI is built for CUDA 13.
+# (.[serve,gpu] minus the CPU builds of the same modules, which would overwrite them), from
+# requirements/serve-gpu.lock, resolved for Python 3.12 (Ubuntu 24.04's; the project needs
+# >= 3.11).  Its pins (requirements/gpu-pins.txt) keep both wheels on CUDA 12:
+# onnxruntime-gpu >= 1.27 on PyPI is built for CUDA 13.
 FROM ${CUDA_IMAGE} AS build-gpu
-ARG ORT_GPU_VERSION=1.26.0
-ARG FAISS_GPU_VERSION=1.14.1.post1
+ARG PIP_INDEX_URL
+ARG PIP_EXTRA_INDEX_URL
+ARG PIP_TRUSTED_HOST
+ARG PIP_CERT
 ENV DEBIAN_FRONTEND=noninteractive \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1
@@ -73,13 +92,10 @@ RUN apt-get update \
 RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
-COPY deploy/scripts/pyproject_deps.py deploy/scripts/check_image.py /tmp/
+COPY deploy/scripts/check_image.py /tmp/
+COPY requirements/serve-gpu.lock /tmp/
+RUN --mount=type=secret,id=pip_ca pip install --no-cache-dir -r /tmp/serve-gpu.lock
 COPY pyproject.toml ./
-RUN python /tmp/pyproject_deps.py pyproject.toml serve gpu \
-        --exclude onnxruntime --exclude faiss-cpu > /tmp/requirements.txt \
-    && printf 'onnxruntime-gpu==%s\nfaiss-gpu-cu12==%s\n' "$ORT_GPU_VERSION" "$FAISS_GPU_VERSION" \
-        > /tmp/constraints.txt \
-    && pip install --no-cache-dir -r /tmp/requirements.txt -c /tmp/constraints.txt
 COPY README.md ./
 COPY contracts/ contracts/
 COPY model/ model/
@@ -87,7 +103,7 @@ COPY index_builder/ index_builder/
 COPY service/ service/
 COPY t2diff_cli/ t2diff_cli/
 # Metadata checks only: importing the CUDA builds needs a driver the build host may lack.
-RUN pip install --no-cache-dir --no-deps . \
+RUN --mount=type=secret,id=pip_ca pip install --no-cache-dir --no-deps . \
     && pip check \
     && python /tmp/check_image.py --present t2diff-recall onnxruntime-gpu faiss-gpu-cu12 \
         --absent torch onnxruntime faiss-cpu
@@ -115,6 +131,10 @@ COPY --from=build-gpu /opt/venv /opt/venv
 FROM ${CUDA_IMAGE} AS tower-worker
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_CUDA_INDEX=https://download.pytorch.org/whl/cu126
+ARG PIP_INDEX_URL
+ARG PIP_EXTRA_INDEX_URL
+ARG PIP_TRUSTED_HOST
+ARG PIP_CERT
 ENV DEBIAN_FRONTEND=noninteractive \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
@@ -132,7 +152,9 @@ RUN apt-get update \
         --shell /usr/sbin/nologin t2diff \
     && mkdir -p /data /run/t2diff \
     && chown t2diff:t2diff /data /run/t2diff
-RUN pip install --no-cache-dir "torch==${TORCH_VERSION}" --index-url "${TORCH_CUDA_INDEX}"
+RUN --mount=type=secret,id=pip_ca \
+    pip install --no-cache-dir "torch==${TORCH_VERSION}" --index-url "${TORCH_CUDA_INDEX}"
+COPY requirements/serve-gpu.lock /tmp/
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY contracts/ contracts/
@@ -140,9 +162,10 @@ COPY model/ model/
 COPY index_builder/ index_builder/
 COPY service/ service/
 COPY t2diff_cli/ t2diff_cli/
-# --no-deps: the worker needs numpy and torch (both here), not the serving or training extras.
-RUN pip install --no-cache-dir --no-deps . \
-    && pip install --no-cache-dir "numpy>=1.26" \
+# --no-deps: the worker needs numpy and torch (both here), not the serving or training
+# extras; numpy at the version the GPU serving image locks.
+RUN --mount=type=secret,id=pip_ca pip install --no-cache-dir --no-deps . \
+    && pip install --no-cache-dir -c /tmp/serve-gpu.lock numpy \
     && python -c "import model.tower_worker, triton" \
     && rm -rf /src
 WORKDIR /data
@@ -157,7 +180,11 @@ CMD ["python", "-m", "model.tower_worker", "--artifacts", "/data/artifacts/curre
 # trainer: torch CPU build + .[train,serve]; runs `t2diff data|train|export|build-index|
 # sessions load|rebuild` against the shared /data volume (bootstrap and rebuild jobs).
 FROM ${PYTHON_IMAGE} AS trainer
-ARG TORCH_VERSION=2.13.0
+ARG TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu
+ARG PIP_INDEX_URL
+ARG PIP_EXTRA_INDEX_URL
+ARG PIP_TRUSTED_HOST
+ARG PIP_CERT
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -169,23 +196,24 @@ RUN python -m venv /opt/venv \
         --shell /usr/sbin/nologin t2diff \
     && mkdir -p /data \
     && chown t2diff:t2diff /data
-# The CPU wheel from PyTorch's index (no CUDA libraries: ~10x smaller); the constraint
-# stops a later resolve from replacing it with PyPI's CUDA build.
-RUN pip install --no-cache-dir "torch==${TORCH_VERSION}" \
-        --index-url https://download.pytorch.org/whl/cpu \
-    && printf 'torch==%s\n' "$TORCH_VERSION" > /tmp/constraints.txt
 WORKDIR /src
-COPY deploy/scripts/pyproject_deps.py deploy/scripts/check_image.py /tmp/
+COPY deploy/scripts/check_image.py /tmp/
+COPY requirements/train.lock /tmp/
+# The lock pins the CPU build of torch (torch==X+cpu: no CUDA libraries, ~10x smaller),
+# which only PyTorch's CPU index has: install that one line from there, then the rest of
+# the lock from the package index (torch is already satisfied).
+RUN --mount=type=secret,id=pip_ca \
+    pip install --no-cache-dir --no-deps "$(grep -E '^torch==' /tmp/train.lock)" \
+        --index-url "${TORCH_CPU_INDEX}" \
+    && pip install --no-cache-dir -r /tmp/train.lock
 COPY pyproject.toml ./
-RUN python /tmp/pyproject_deps.py pyproject.toml train serve > /tmp/requirements.txt \
-    && pip install --no-cache-dir -r /tmp/requirements.txt -c /tmp/constraints.txt
 COPY README.md ./
 COPY contracts/ contracts/
 COPY model/ model/
 COPY index_builder/ index_builder/
 COPY service/ service/
 COPY t2diff_cli/ t2diff_cli/
-RUN pip install --no-cache-dir --no-deps . \
+RUN --mount=type=secret,id=pip_ca pip install --no-cache-dir --no-deps . \
     && pip check \
     && python /tmp/check_image.py --present t2diff-recall torch onnxruntime faiss-cpu \
         --import torch onnx service.app \

@@ -7,14 +7,22 @@ PIP := $(VENV)/bin/pip
 # ONNX Runtime and torch; PASSIVE makes idle threads sleep.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test lint lock clean
 
-$(VENV)/.installed: pyproject.toml
+# Dependencies come from the lock file (requirements/dev.lock: .[train,serve,dev,loadtest]
+# resolved for Linux x86-64, Python 3.11; `make lock` regenerates it), then the project
+# itself without dependencies.  The lock pins the CPU build of torch (torch==2.13.0+cpu):
+# pip finds it in its configured sources (a local wheel store), or, where it is not there,
+# `make setup TORCH_INDEX=https://download.pytorch.org/whl/cpu`.
+LOCK ?= requirements/dev.lock
+TORCH_INDEX ?=
+
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	# The CPU build of torch first, pinned: an unpinned torch pulls a multi-GB CUDA build.
-	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[train,serve,dev,loadtest]'
+	$(PIP) install -q -r $(LOCK) $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
+	$(PIP) install -q --no-deps -e .
+	$(PIP) check
 	touch $@
 
 setup: $(VENV)/.installed
@@ -34,6 +42,12 @@ test: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+# Regenerate requirements/*.lock from pyproject.toml (requirements/compile.sh; needs uv).
+UV ?= uv
+TORCH_LINKS ?= https://download.pytorch.org/whl/cpu/torch/
+lock:
+	UV=$(UV) TORCH_LINKS=$(TORCH_LINKS) requirements/compile.sh
 
 clean:
 	rm -rf .demo runs artifacts indexes

@@ -168,12 +168,177 @@ def test_serving_environment(compose: dict[str, Any]) -> None:
 
 def test_redis_persists_with_aof_and_health_checks(compose: dict[str, Any]) -> None:
     redis = compose["services"]["redis"]
-    command = [str(part) for part in redis["command"]]
-    assert command[command.index("--appendonly") + 1] == "yes"
+    script = _redis_script(compose)
+    assert "--appendonly yes" in script and "--appendfsync everysec" in script
     assert any(v.startswith("redis-data:") for v in redis["volumes"])
     assert "redis-cli" in " ".join(redis["healthcheck"]["test"])
     api_check = " ".join(compose["services"]["api"]["healthcheck"]["test"])
     assert "healthcheck.py" in api_check and "/readyz" in api_check
+
+
+def _redis_script(compose: dict[str, Any]) -> str:
+    command = compose["services"]["redis"]["command"]
+    assert command[:2] == ["sh", "-c"], "redis starts through a shell (the env file's password)"
+    return command[2]
+
+
+def _compose_interpolate(text: str) -> str:
+    """What compose does to a value: ${VAR:-default} -> default (no such variable set
+    here), then $$ -> $."""
+    text = re.sub(r"(?<!\$)\$\{[A-Z0-9_]+:-([^}]*)\}", r"\1", text)
+    return text.replace("$$", "$")
+
+
+def _env_files(service: dict[str, Any]) -> list[str]:
+    files = service.get("env_file", [])
+    files = [files] if isinstance(files, str | dict) else files
+    return [f["path"] if isinstance(f, dict) else f for f in files]
+
+
+def test_redis_requires_a_password_from_the_env_file(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    # One git-ignored env file holds T2DIFF_REDIS_PASSWORD for redis and its clients.
+    for name in ("redis", "api", "bootstrap", "rebuild"):
+        assert _env_files(services[name]) == ["deploy/redis.env"], name
+        assert "T2DIFF_REDIS_PASSWORD" not in _env(services[name]), f"{name}: not inline"
+    example = (DEPLOY / "redis.env.example").read_text()
+    assert re.search(r"^T2DIFF_REDIS_PASSWORD=change-me$", example, flags=re.MULTILINE)
+    assert "openssl rand" in example
+    assert "/deploy/redis.env" in (ROOT / ".gitignore").read_text().splitlines()
+    script = _redis_script(compose)
+    assert 'exec redis-server --requirepass "$$T2DIFF_REDIS_PASSWORD"' in script
+    check = " ".join(services["redis"]["healthcheck"]["test"])
+    assert 'REDISCLI_AUTH="$$T2DIFF_REDIS_PASSWORD" redis-cli ping' in check
+    assert "ports" not in services["redis"], "Redis is reached on the compose network only"
+
+
+def _start_compose_redis(
+    script: str, env: dict[str, str], port: int, workdir: Path
+) -> subprocess.Popen[str]:
+    script = script.replace(
+        "allkeys-lru", f"allkeys-lru --port {port} --bind 127.0.0.1 --dir {workdir}"
+    )
+    path = f"{Path(shutil.which('redis-server') or '/usr/bin/redis-server').parent}:/usr/bin:/bin"
+    return subprocess.Popen(
+        ["sh", "-c", script],
+        env={"PATH": path, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def test_compose_redis_command_runs(compose: dict[str, Any], tmp_path: Path) -> None:
+    """The compose redis command, as compose hands it to the container's shell, against the
+    real redis-server: it refuses a missing or placeholder password and starts with
+    --requirepass otherwise; the health check's command authenticates."""
+    from t2diff_cli.local_stack import free_port, redis_binary, redis_command
+
+    if redis_binary() is None or shutil.which("redis-cli") is None:
+        pytest.skip("redis-server / redis-cli are not installed")
+    script = _compose_interpolate(_redis_script(compose))
+    for env in ({}, {"T2DIFF_REDIS_PASSWORD": "change-me"}):
+        proc = _start_compose_redis(script, env, free_port(), tmp_path)
+        out, _ = proc.communicate(timeout=30)
+        assert proc.returncode != 0 and "deploy/redis.env" in out, out
+    port = free_port()
+    proc = _start_compose_redis(script, {"T2DIFF_REDIS_PASSWORD": "pw-1"}, port, tmp_path)
+    try:
+        for _ in range(200):
+            try:
+                if redis_command(port, "PING").startswith(b"-NOAUTH"):
+                    break
+            except OSError:
+                pass
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            threading.Event().wait(0.05)
+        else:
+            pytest.fail("redis did not start")
+        check = _compose_interpolate(compose["services"]["redis"]["healthcheck"]["test"][1])
+        check = check.replace("redis-cli ping", f"redis-cli -p {port} ping")
+        for password, healthy in (("pw-1", True), ("wrong", False)):
+            result = subprocess.run(
+                ["sh", "-c", check],
+                env={"PATH": "/usr/bin:/bin", "T2DIFF_REDIS_PASSWORD": password},
+                capture_output=True,
+                timeout=30,
+            )
+            assert (result.returncode == 0) is healthy, (password, result)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_compose_api_is_hardened_like_the_pod(compose: dict[str, Any]) -> None:
+    api = compose["services"]["api"]
+    assert api["read_only"] is True
+    assert api["cap_drop"] == ["ALL"]
+    assert "no-new-privileges:true" in api["security_opt"]
+    assert any(str(mount).split(":", 1)[0] == "/tmp" for mount in api["tmpfs"])
+    # The same as the Kubernetes container's securityContext and /tmp volume.
+    (deployment,) = _by_kind("Deployment")
+    (container,) = _pod_spec(deployment)["containers"]
+    context = container["securityContext"]
+    assert context["readOnlyRootFilesystem"] is True
+    assert context["allowPrivilegeEscalation"] is False
+    assert context["capabilities"]["drop"] == ["ALL"]
+    assert {m["mountPath"] for m in container["volumeMounts"]} >= {"/tmp"}
+
+
+# --------------------------------------------------------------------------- nginx
+
+NGINX_CONF = DEPLOY / "nginx" / "nginx.conf"
+
+
+def _nginx_text() -> str:
+    return "\n".join(line.split("#", 1)[0] for line in NGINX_CONF.read_text().splitlines())
+
+
+def _nginx_locations() -> list[tuple[str, str, str]]:
+    """(modifier, path, body) of every location block (none of them nests a block)."""
+    found = re.findall(r"location\s+(=|\^~|~\*?)?\s*(\S+)\s*\{([^{}]*)\}", _nginx_text())
+    assert found, "no location blocks"
+    return found
+
+
+def _nginx_route(uri: str) -> str:
+    """The body of the location nginx picks for ``uri``: an exact match, else the longest
+    prefix (these locations use no regular expressions, which would come in between)."""
+    locations = _nginx_locations()
+    assert not [loc for loc in locations if loc[0].startswith("~")], "regex locations"
+    for modifier, path, body in locations:
+        if modifier == "=" and path == uri:
+            return body
+    prefixes = [(path, body) for modifier, path, body in locations if modifier != "="]
+    matching = [(path, body) for path, body in prefixes if uri.startswith(path)]
+    assert matching, uri
+    return max(matching, key=lambda item: len(item[0]))[1]
+
+
+def test_nginx_keeps_the_callers_request_id() -> None:
+    text = _nginx_text()
+    # A map: the caller's header when there is one, else nginx's own $request_id.
+    (body,) = re.findall(r"map\s+\$http_x_request_id\s+\$req_id\s*\{([^{}]*)\}", text)
+    entries = dict(re.findall(r"(\S+)\s+(\S+);", body))
+    assert entries == {"default": "$http_x_request_id", '""': "$request_id"}
+    headers = re.findall(r"proxy_set_header\s+X-Request-Id\s+(\S+);", text, flags=re.IGNORECASE)
+    assert headers == ["$req_id"], "forwarded as the mapped value, never overwritten"
+
+
+@pytest.mark.parametrize(
+    "uri",
+    ["/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json", "/admin/reload",
+     "/admin/rollback"],
+)  # fmt: skip
+def test_nginx_hides_internal_endpoints(uri: str) -> None:
+    body = _nginx_route(uri)
+    assert "proxy_pass" not in body, uri
+    assert re.search(r"return\s+40[34]\b", body), uri
+
+
+@pytest.mark.parametrize("uri", ["/recall", "/events", "/healthz", "/readyz"])
+def test_nginx_proxies_the_api(uri: str) -> None:
+    assert "proxy_pass http://t2diff_api;" in _nginx_route(uri)
 
 
 def test_rebuild_is_scheduled_and_locust_is_a_profile(compose: dict[str, Any]) -> None:
@@ -288,13 +453,7 @@ def test_dockerfile_conventions() -> None:
     code = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
     for command in re.findall(r"pip install[^\n]*", code):
         assert "--no-cache-dir" in command, command
-    assert 'pip install --no-cache-dir "torch==${TORCH_VERSION}"' in text
-    assert "--index-url https://download.pytorch.org/whl/cpu" in text
-    assert "ARG TORCH_VERSION=2.13.0" in text
-    # Serving installs .[serve] (gpu: serve+gpu), the trainer train+serve.
-    assert "pyproject_deps.py pyproject.toml serve >" in text
-    assert "pyproject_deps.py pyproject.toml serve gpu" in text
-    assert "pyproject_deps.py pyproject.toml train serve" in text
+    assert "ARG TORCH_VERSION=2.13.0" in text  # the tower worker's CUDA build
     assert re.search(r"--absent torch onnxruntime-gpu", text)
     assert re.search(r"--absent torch onnxruntime faiss-cpu", text)  # the gpu api image too
     # torch for the GPU only in the tower-worker stage (the sidecar), pinned like the trainer's.
@@ -318,6 +477,168 @@ def test_dockerfile_conventions() -> None:
             rule = line.split("=", 1)[1].split(",")[0]
             above = " ".join(lines[max(0, number - 3) : number])
             assert f"{rule}:" in above, f"line {number + 1}: ignore {rule} has no reason"
+
+
+def _dockerfile_stage_texts() -> dict[str, str]:
+    """Stage name -> its lines (FROM to the next FROM)."""
+    text = DOCKERFILE.read_text()
+    parts = re.split(r"^(?=FROM\s)", text, flags=re.MULTILINE)
+    stages = {}
+    for part in parts[1:]:
+        match = re.match(r"FROM\s+\S+\s+AS\s+(\S+)", part, flags=re.IGNORECASE)
+        assert match, part[:80]
+        stages[match.group(1)] = part
+    return stages
+
+
+def _run_instructions(stage: str) -> list[str]:
+    """Each RUN of a stage, its continuation lines joined."""
+    joined = re.sub(r"\\\n", " ", stage)
+    return [line for line in joined.splitlines() if line.startswith("RUN ")]
+
+
+PIP_ARGS = ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_TRUSTED_HOST", "PIP_CERT")
+# Stage -> the lock file it installs.
+STAGE_LOCKS = {
+    "build-cpu": "serve.lock",
+    "build-gpu": "serve-gpu.lock",
+    "trainer": "train.lock",
+    "tower-worker": "serve-gpu.lock",
+}
+
+
+def test_dockerfile_builds_behind_a_mirror_from_the_locks() -> None:
+    text = DOCKERFILE.read_text()
+    # No `# syntax=` line: the built-in front end, no registry needed for it.
+    assert not re.search(r"^#\s*syntax\s*=", text, flags=re.MULTILINE | re.IGNORECASE)
+    stages = _dockerfile_stage_texts()
+    installing = {name for name, body in stages.items() if "pip install" in body}
+    assert installing == set(STAGE_LOCKS)
+    for name in installing:
+        body = stages[name]
+        # The index ARGs, declared without a value: unset (pip's own defaults) unless given.
+        for arg in PIP_ARGS:
+            assert re.search(rf"^ARG {arg}$", body, flags=re.MULTILINE), (name, arg)
+        assert "ENV PIP_INDEX_URL" not in body and "ENV PIP_CERT" not in body
+        # Every pip RUN gets the optional CA bundle secret.
+        for run in _run_instructions(body):
+            if "pip install" in run:
+                assert run.startswith("RUN --mount=type=secret,id=pip_ca "), (name, run)
+        lock = STAGE_LOCKS[name]
+        assert f"COPY requirements/{lock} /tmp/" in body, name
+        # Dependencies before the source: the lock is copied before any package is.
+        assert body.index(f"COPY requirements/{lock}") < body.index("COPY contracts/"), name
+    for name in ("build-cpu", "build-gpu", "trainer"):
+        assert f"pip install --no-cache-dir -r /tmp/{STAGE_LOCKS[name]}" in stages[name], name
+        assert "pip install --no-cache-dir --no-deps ." in stages[name], name
+    assert "pip install --no-cache-dir -c /tmp/serve-gpu.lock numpy" in stages["tower-worker"]
+    assert "pyproject_deps.py" not in text, "images install the locks, not pyproject's ranges"
+    # The PyTorch indexes are ARGs (a mirror replaces them); no RUN names a URL itself.
+    assert re.search(r"^ARG TORCH_CPU_INDEX=https://download\.pytorch\.org/whl/cpu$", text, re.M)
+    assert re.search(r"^ARG TORCH_CUDA_INDEX=https://download\.pytorch\.org/whl/cu126$", text, re.M)
+    trainer = stages["trainer"]
+    assert "\"$(grep -E '^torch==' /tmp/train.lock)\"" in trainer
+    assert '--index-url "${TORCH_CPU_INDEX}"' in trainer
+    for name, body in stages.items():
+        for run in _run_instructions(body):
+            assert "://" not in run, (name, run)
+    allowed = (ROOT / ".dockerignore").read_text().splitlines()
+    assert "!requirements/" in allowed
+
+
+# --------------------------------------------------------------------------- lock files
+
+REQUIREMENTS = ROOT / "requirements"
+# Lock -> (extras, excluded projects, target Python).
+LOCKS = {
+    "dev.lock": (["train", "serve", "dev", "loadtest"], [], "3.11"),
+    "train.lock": (["train", "serve"], [], "3.11"),
+    "serve.lock": (["serve"], [], "3.11"),
+    "serve-gpu.lock": (["serve", "gpu"], ["onnxruntime", "faiss-cpu"], "3.12"),
+}
+
+
+def _pins(path: Path) -> dict[str, str]:
+    """name -> version of a lock file; every requirement line must be an exact pin."""
+    deps = load_script("pyproject_deps", SCRIPTS / "pyproject_deps.py")
+    pins: dict[str, str] = {}
+    for line in path.read_text().splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        assert not line.startswith("-"), f"{path.name}: option line {line!r}"
+        match = re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+)", line.strip())
+        assert match, f"{path.name}: not an exact pin: {line!r}"
+        name = deps.canonical(match.group(1))
+        assert name not in pins, f"{path.name}: {name} twice"
+        pins[name] = match.group(2)
+    return pins
+
+
+@pytest.mark.parametrize("lock", sorted(LOCKS))
+def test_lock_pins_every_dependency_of_pyproject(lock: str) -> None:
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    deps = load_script("pyproject_deps", SCRIPTS / "pyproject_deps.py")
+    extras, excluded, python = LOCKS[lock]
+    pins = _pins(REQUIREMENTS / lock)
+    target = {
+        "python_version": python,
+        "python_full_version": f"{python}.0",
+        "sys_platform": "linux",
+        "platform_system": "Linux",
+        "platform_machine": "x86_64",
+        "os_name": "posix",
+        "implementation_name": "cpython",
+        "platform_python_implementation": "CPython",
+        "extra": "",
+    }
+    wanted = deps.requirements(ROOT / "pyproject.toml", extras, excluded)
+    assert wanted
+    for line in wanted:
+        requirement = Requirement(line)
+        if requirement.marker is not None and not requirement.marker.evaluate(target):
+            continue
+        name = deps.canonical(requirement.name)
+        assert name in pins, f"{lock}: {name} of pyproject.toml is not locked (make lock)"
+        version = Version(pins[name])
+        assert requirement.specifier.contains(version, prereleases=True), (
+            f"{lock}: {name}=={version} is outside pyproject's {requirement.specifier}"
+        )
+    for name in excluded:
+        assert name not in pins, f"{lock}: {name} must not be installed beside its GPU build"
+    if lock in ("serve.lock", "serve-gpu.lock"):
+        assert "torch" not in pins, "serving stays torch-free"
+
+
+def test_locks_agree_with_each_other_and_their_pins() -> None:
+    dev = _pins(REQUIREMENTS / "dev.lock")
+    for lock in ("train.lock", "serve.lock"):
+        pins = _pins(REQUIREMENTS / lock)
+        assert pins.items() <= dev.items(), f"{lock} and dev.lock disagree"
+    torch_pin = _pins(REQUIREMENTS / "torch-cpu.txt")
+    assert torch_pin["torch"].endswith("+cpu")
+    assert dev["torch"] == _pins(REQUIREMENTS / "train.lock")["torch"] == torch_pin["torch"]
+    gpu = _pins(REQUIREMENTS / "serve-gpu.lock")
+    assert _pins(REQUIREMENTS / "gpu-pins.txt").items() <= gpu.items()
+    serve = _pins(REQUIREMENTS / "serve.lock")
+    shared = set(gpu) & set(serve)
+    assert {"fastapi", "numpy", "redis"} <= shared
+    assert {name: gpu[name] for name in shared} == {name: serve[name] for name in shared}
+
+
+def test_makefile_and_ci_install_from_the_lock() -> None:
+    makefile = (ROOT / "Makefile").read_text()
+    assert re.search(r"^LOCK \?= requirements/dev\.lock$", makefile, flags=re.MULTILINE)
+    assert re.search(r"^\$\(VENV\)/\.installed: pyproject\.toml \$\(LOCK\)$", makefile, re.M)
+    assert "$(PIP) install -q -r $(LOCK)" in makefile
+    assert "$(PIP) install -q --no-deps -e ." in makefile
+    assert "-e '.[" not in makefile, "no resolve from pyproject's ranges"
+    assert "requirements/compile.sh" in makefile  # `make lock`
+    assert "make test" in (ROOT / ".ci" / "run").read_text()
+    compile_script = (REQUIREMENTS / "compile.sh").read_text()
+    for lock in LOCKS:
+        assert f"-o requirements/{lock}" in compile_script, lock
 
 
 def test_build_context_matches_the_python_packages() -> None:
@@ -614,6 +935,83 @@ def test_rebuild_cronjob() -> None:
     assert boot["command"] == ["bootstrap.sh"]
 
 
+SECRET_NAME = "t2diff-secrets"
+SECRET_TEMPLATE = K8S / "t2diff-secrets.yaml.example"
+# api variable -> the Secret's key (all optional for the api).
+API_SECRET_ENV = {
+    "T2DIFF_ADMIN_TOKEN": "admin-token",
+    "T2DIFF_REDIS_PASSWORD": "redis-password",
+    "T2DIFF_REDIS_URL": "redis-url",
+}
+
+
+def _secret_refs(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {
+        e["name"]: e["valueFrom"]["secretKeyRef"]
+        for e in container.get("env", [])
+        if "secretKeyRef" in e.get("valueFrom", {})
+    }
+
+
+def test_secrets_come_from_a_secret() -> None:
+    (deployment,) = _by_kind("Deployment")
+    (api,) = _pod_spec(deployment)["containers"]
+    refs = _secret_refs(api)
+    assert set(refs) == set(API_SECRET_ENV)
+    for variable, key in API_SECRET_ENV.items():
+        assert refs[variable] == {"name": SECRET_NAME, "key": key, "optional": True}
+    # The bootstrap Job loads sessions: the Redis credentials too.
+    (job,) = _by_kind("Job")
+    (boot,) = _pod_spec(job)["containers"]
+    assert {name: ref["key"] for name, ref in _secret_refs(boot).items()} == {
+        "T2DIFF_REDIS_PASSWORD": "redis-password",
+        "T2DIFF_REDIS_URL": "redis-url",
+    }
+    # The bundled Redis requires its password (not optional: no pod without it).
+    (statefulset,) = _by_kind("StatefulSet")
+    (redis,) = _pod_spec(statefulset)["containers"]
+    assert _secret_refs(redis) == {"REDIS_PASSWORD": {"name": SECRET_NAME, "key": "redis-password"}}
+    args = [str(a) for a in redis["args"]]
+    assert args[args.index("--requirepass") + 1] == "$(REDIS_PASSWORD)"
+    probe = " ".join(redis["readinessProbe"]["exec"]["command"])
+    assert 'REDISCLI_AUTH="$REDIS_PASSWORD" redis-cli ping' in probe and "PONG" in probe
+    # No secret value in any manifest: every password or token comes from the Secret.
+    for name, doc in _k8s_documents():
+        assert doc["kind"] != "Secret", f"{name}: a Secret would be applied with its value"
+        if doc["kind"] in WORKLOADS:
+            for container in _pod_spec(doc)["containers"]:
+                for env in container.get("env", []):
+                    if re.search(r"PASSWORD|TOKEN", env["name"]):
+                        assert "value" not in env, (name, env["name"])
+    (configmap,) = _by_kind("ConfigMap")
+    assert not [key for key in configmap["data"] if re.search(r"PASSWORD|TOKEN", key)]
+    # The template holds every key that is referenced, with placeholders only, and is not
+    # applied by kustomize (it would overwrite the real Secret).
+    (template,) = yaml_load_all(SECRET_TEMPLATE.read_text())
+    assert template["kind"] == "Secret" and template["metadata"]["name"] == SECRET_NAME
+    assert set(template["stringData"]) == {"redis-password", "admin-token"}
+    assert set(template["stringData"].values()) == {"change-me"}
+    assert "redis-url" in SECRET_TEMPLATE.read_text()
+    assert "kubectl create secret generic t2diff-secrets" in SECRET_TEMPLATE.read_text()
+    (kustomization,) = _by_kind("Kustomization")
+    assert SECRET_TEMPLATE.name not in kustomization["resources"]
+
+
+def test_operator_text_says_promotions_swap_without_a_restart() -> None:
+    """The api polls the `current` links (WATCH_INTERVAL_S) and hot-swaps: no text may tell
+    an operator to restart it after a promotion."""
+    cronjob = (K8S / "rebuild-cronjob.yaml").read_text()
+    readme = (DEPLOY / "README.md").read_text()
+    compose_text = COMPOSE.read_text()
+    for name, text in (("cronjob", cronjob), ("README", readme), ("compose", compose_text)):
+        assert "roll them after a promotion" not in text, name
+        assert "restart the replicas" not in text, name
+        assert not re.search(r"after a promotion:\s*`kubectl rollout restart", text), name
+    assert "rollout restart deployment/t2diff-api" not in cronjob
+    assert "WATCH_INTERVAL_S" in cronjob and "WATCH_INTERVAL_S" in readme
+    assert "WATCH_INTERVAL_S" in compose_text
+
+
 def test_redis_statefulset_persists_with_aof() -> None:
     (statefulset,) = _by_kind("StatefulSet")
     (container,) = _pod_spec(statefulset)["containers"]
@@ -635,7 +1033,7 @@ echo "$*" >> "$FAKE_LOG"
 case "$1" in
     data) mkdir -p "$4" && echo "user_id,item_id,timestamp" > "$4/interactions.csv" ;;
     train|export|build-index) mkdir -p "$5" ;;
-    sessions) python -c "import redis, sys; redis.Redis.from_url(sys.argv[1]).rpush(sys.argv[2], '1.0|i1')" "$6" "$T2DIFF_REDIS_PREFIX:session:u1" ;;
+    sessions) python -c "import os, redis, sys; redis.Redis.from_url(os.environ['T2DIFF_REDIS_URL'], password=os.environ.get('T2DIFF_REDIS_PASSWORD') or None).rpush(sys.argv[1], '1.0|i1')" "$T2DIFF_REDIS_PREFIX:session:u1" ;;
 esac
 """
 
@@ -715,15 +1113,34 @@ def test_bootstrap_loads_sessions_only_into_an_empty_redis(
     }
     first, calls = _run_bootstrap(tmp_path, **env)
     assert first.returncode == 0, first.stdout + first.stderr
-    assert (
-        calls[-1] == f"sessions load --data data/synth/interactions.csv --redis-url {redis_server}"
-    )
+    # The URL goes in the environment, not argv (where a password would show in `ps`).
+    assert calls[-1] == "sessions load --data data/synth/interactions.csv"
     assert client.llen(key) == 1
     second, calls = _run_bootstrap(tmp_path, **env)
     assert second.returncode == 0 and calls == [], "sessions kept by AOF are not reloaded"
     third, calls = _run_bootstrap(tmp_path, T2DIFF_BOOTSTRAP_SESSIONS="always", **env)
     assert third.returncode == 0 and calls[-1].startswith("sessions load")
     client.delete(key)
+
+
+def test_bootstrap_reaches_a_redis_with_a_password(tmp_path: Path) -> None:
+    from t2diff_cli.local_stack import LOOPBACK, RedisServer, redis_binary
+
+    if redis_binary() is None:
+        pytest.skip("redis-server is not installed")
+    with RedisServer(password="boot-pw") as server:
+        env = {
+            "T2DIFF_REDIS_URL": f"redis://{LOOPBACK}:{server.port}/0",  # no password in it
+            "T2DIFF_REDIS_PASSWORD": "boot-pw",
+            "T2DIFF_REDIS_PREFIX": "bootpw",
+            "T2DIFF_BOOTSTRAP_VERSION": "v1",
+        }
+        first, calls = _run_bootstrap(tmp_path, **env)
+        assert first.returncode == 0, first.stdout + first.stderr
+        assert calls[-1].startswith("sessions load")
+        # The second run reads the sessions with the password and loads nothing.
+        second, calls = _run_bootstrap(tmp_path, **env)
+        assert second.returncode == 0 and calls == [], second.stdout + second.stderr
 
 
 def test_gpu_overlay_adds_the_tower_worker_sidecar() -> None:
@@ -781,5 +1198,10 @@ def test_gpu_overlay_renders_with_kustomize() -> None:
     assert pod["initContainers"][0]["image"].endswith(":0.1.0-tower-worker")
     (api,) = pod["containers"]
     assert "readinessProbe" in api and api["envFrom"]  # the base container, patched
-    assert {e["name"] for e in api["env"]} == {"T2DIFF_TOWER_BACKEND", "T2DIFF_TOWER_WORKER_SOCKET"}
+    # The overlay's two variables merged with the base's Secret references (by name).
+    assert {e["name"] for e in api["env"]} == {
+        "T2DIFF_TOWER_BACKEND",
+        "T2DIFF_TOWER_WORKER_SOCKET",
+        *API_SECRET_ENV,
+    }
     assert {v["name"] for v in pod["volumes"]} == {"models", "tmp", "tower-socket"}

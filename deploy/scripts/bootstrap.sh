@@ -24,7 +24,11 @@ UNET_WIDTH="${T2DIFF_BOOTSTRAP_UNET_WIDTH:-16}"
 VERSION="${T2DIFF_BOOTSTRAP_VERSION:-bootstrap-$(date -u +%Y%m%dT%H%M%SZ)}"
 FORCE="${T2DIFF_BOOTSTRAP_FORCE:-0}"
 SESSIONS="${T2DIFF_BOOTSTRAP_SESSIONS:-auto}"
-REDIS_URL="${T2DIFF_REDIS_URL:-redis://redis:6379/0}"
+# Redis: the URL, and its password and TLS files as the service reads them
+# (T2DIFF_REDIS_PASSWORD, T2DIFF_REDIS_TLS_CA_FILE, ...: docs/operations.md).  Exported, not
+# passed on command lines, where a password in the URL would show in `ps`.
+T2DIFF_REDIS_URL="${T2DIFF_REDIS_URL:-redis://redis:6379/0}"
+export T2DIFF_REDIS_URL
 REDIS_PREFIX="${T2DIFF_REDIS_PREFIX:-t2diff}"
 
 log() { printf '%s bootstrap: %s\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$*"; }
@@ -73,14 +77,24 @@ fi
 
 # Does Redis already hold sessions?  Exit 0 = yes, 1 = no, 3 = Redis unreachable for 60 s.
 redis_has_sessions() {
-    python - "$REDIS_URL" "$REDIS_PREFIX" <<'PY'
+    python - "$REDIS_PREFIX" <<'PY'
+import os
 import sys
 import time
 
 import redis
 
-url, prefix = sys.argv[1], sys.argv[2]
-client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5)
+from service.sessions import redact_redis_url, redis_connection_kwargs
+
+url, prefix = os.environ["T2DIFF_REDIS_URL"], sys.argv[1]
+auth_and_tls = redis_connection_kwargs(
+    url,
+    password=os.environ.get("T2DIFF_REDIS_PASSWORD") or None,
+    tls_ca_file=os.environ.get("T2DIFF_REDIS_TLS_CA_FILE") or None,
+    tls_cert_file=os.environ.get("T2DIFF_REDIS_TLS_CERT_FILE") or None,
+    tls_key_file=os.environ.get("T2DIFF_REDIS_TLS_KEY_FILE") or None,
+)
+client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5, **auth_and_tls)
 deadline = time.monotonic() + 60
 while True:
     try:
@@ -88,7 +102,8 @@ while True:
         break
     except redis.RedisError as exc:
         if time.monotonic() > deadline:
-            print(f"redis at {url} did not answer for 60 s: {exc}", file=sys.stderr)
+            shown = redact_redis_url(url)
+            print(f"redis at {shown} did not answer for 60 s: {exc}", file=sys.stderr)
             sys.exit(3)
         time.sleep(1)
 found = next(client.scan_iter(match=f"{prefix}:session:*", count=1000), None)
@@ -99,7 +114,7 @@ PY
 load_sessions() {
     ensure_data
     log "loading sessions from $DATA into redis"
-    t2diff sessions load --data "$DATA" --redis-url "$REDIS_URL"
+    t2diff sessions load --data "$DATA"
 }
 
 case "$SESSIONS" in
