@@ -1,0 +1,192 @@
+"""Issue 16's model changes: the every-position (dense) loss, T2Diff's causal encoder fed
+the served xhat, the diffusion reading the newest ``diffusion_len`` behaviours, and the
+short-history cut."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from model_fixtures import N_ITEMS, assert_onnx_matches, perturbed_t2diff, tiny_batch, tower_inputs
+from tolerances import RTOL_REFORMULATION, RTOL_REORDER, assert_f32_close
+
+from model.base import Batch, dense_targets
+from model.data import leave_one_out, load_sequences
+from model.fast_tower import FastAttentionPart, FastDiffusionPart, FastTower
+from model.registry import build_model, make_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CAUSAL = {
+    "dim": 16,
+    "unet_width": 8,
+    "max_seq_len": 12,
+    "diffusion_len": 8,
+    "diffusion_steps": 4,
+    "encoder": "causal",
+    "dense_loss": True,
+    "tower_xhat": "reverse",
+}
+
+
+def test_training_targets_are_each_users_newest_with_a_dense_loss() -> None:
+    sasrec = build_model("sasrec", N_ITEMS, make_config("sasrec", {"dense_loss": True}))
+    plain = build_model("sasrec", N_ITEMS, make_config("sasrec"))
+    targets = np.array([1, 2, 3, 11, 21, 22])
+    users = np.array([0, 0, 0, 1, 2, 2])
+    assert plain.training_targets(targets, users).tolist() == targets.tolist()
+    assert sasrec.training_targets(targets, users).tolist() == [3, 11, 22]
+    assert sasrec.training_targets(targets[:0], users[:0]).tolist() == []
+
+
+@pytest.mark.parametrize("name", ["sasrec", "gru4rec"])
+def test_dense_loss_is_the_mean_next_item_loss_over_real_positions(name: str) -> None:
+    model = build_model(name, N_ITEMS, make_config(name, {"dense_loss": True})).eval()
+    batch = tiny_batch()
+    with torch.no_grad():
+        loss, _ = model.loss(batch)
+        hidden = model.hidden(batch.item_seq)
+        following = dense_targets(batch.item_seq, batch.target)
+        logits = hidden @ model.item_embeddings().T
+        logits[..., 0] = -torch.inf
+        per_position = torch.nn.functional.cross_entropy(
+            logits.transpose(1, 2), following, reduction="none"
+        )
+        valid = batch.item_seq > 0
+        expected = per_position[valid].mean()
+        # the newest position's output is the served user vector
+        assert torch.equal(hidden[:, batch.item_seq.shape[1] - 1], model.encode(batch.item_seq))
+    assert_f32_close(loss, expected, RTOL_REORDER)
+
+
+def test_causal_encoder_reads_no_later_behaviour() -> None:
+    model = perturbed_t2diff(CAUSAL)
+    batch = tiny_batch()
+    x = model.item_emb(batch.item_seq)
+    changed = batch.item_seq.clone()
+    changed[:, 9:] = (changed[:, 9:] % N_ITEMS) + 1  # new items at positions 9..11
+    with torch.no_grad():
+        _, hidden = model._encode(batch, x, None)
+        _, hidden_changed = model._encode(
+            Batch(changed, batch.time_lag), model.item_emb(changed), None
+        )
+    assert torch.equal(hidden[:, :9], hidden_changed[:, :9])
+    assert not torch.equal(hidden[:, 9:], hidden_changed[:, 9:])
+
+
+def test_diffusion_reads_only_the_newest_diffusion_len_behaviours() -> None:
+    model = perturbed_t2diff(CAUSAL)
+    assert model.noise_shape == (4, 8, 16)
+    item_seq, _, noise = tower_inputs(model, 3)
+    older = item_seq.clone()
+    older[:, :4] = (older[:, :4] % N_ITEMS) + 1
+    with torch.no_grad():
+        xhat = model.reconstruct(model.item_emb(item_seq), noise)
+        assert torch.equal(xhat, model.reconstruct(model.item_emb(older), noise))
+
+
+def test_served_xhat_is_prepared_per_epoch_and_matches_the_reverse_process() -> None:
+    model = perturbed_t2diff(CAUSAL).train()
+    batch = tiny_batch()
+    positions = torch.arange(100, 100 + len(batch.target))
+    windows = {int(p): row for p, row in zip(positions, batch.item_seq, strict=True)}
+
+    def make_batch(chunk: torch.Tensor) -> Batch:
+        return Batch(torch.stack([windows[int(p)] for p in chunk]), batch.time_lag[: len(chunk)])
+
+    torch.manual_seed(5)
+    model.prepare_epoch(make_batch, positions.flip(0))  # any order
+    torch.manual_seed(5)
+    noise = torch.randn(model.noise_shape)
+    with torch.no_grad():
+        expected = model.eval().reconstruct(model.item_emb(batch.item_seq), noise)
+    model.train()
+    x_in = model.diffusion_window(model.item_emb(batch.item_seq).detach())
+    prepared = model._served_xhat(
+        Batch(batch.item_seq, batch.time_lag, batch.target, positions), x_in
+    )
+    assert torch.equal(prepared, expected)
+    # windows the epoch did not prepare get the reverse process on the spot
+    fresh = model._served_xhat(
+        Batch(batch.item_seq, batch.time_lag, batch.target, positions + 1), x_in
+    )
+    assert fresh.shape == expected.shape
+
+
+def test_causal_t2diff_trains_and_every_cause_option_runs() -> None:
+    batch = tiny_batch()
+    for overrides in (
+        {},
+        {"tower_xhat": "one_step", "xhat_softmax_weight": 1.0, "kl_positions": "last"},
+        {"use_diffusion": False},
+    ):
+        model = perturbed_t2diff(CAUSAL, **overrides).train()
+        loss, parts = model.loss(batch)
+        loss.backward()
+        assert torch.isfinite(loss)
+        assert "dense" in parts
+        assert ("xhat" in parts) == bool(overrides.get("xhat_softmax_weight"))
+    with pytest.raises(ValueError, match="dense_loss needs encoder"):
+        perturbed_t2diff({**CAUSAL, "encoder": "session"})
+
+
+def test_fast_tower_and_split_parts_match_eager_with_the_causal_encoder() -> None:
+    model = perturbed_t2diff(CAUSAL, seed=3)
+    fast = FastTower(model).eval()
+    diffusion, attention = FastDiffusionPart(model), FastAttentionPart(model)
+    one = FastDiffusionPart(model, one_sample=True)
+    for rows in (1, 3):
+        item_seq, time_lag, noise = tower_inputs(model, rows, seed=rows)
+        with torch.no_grad():
+            reference = model.user_embedding(Batch(item_seq, time_lag), noise)
+            assert_f32_close(fast(item_seq, time_lag, noise), reference, RTOL_REFORMULATION)
+            xhat = diffusion(item_seq, noise)
+            assert_f32_close(attention(item_seq, time_lag, xhat), reference, RTOL_REFORMULATION)
+            assert_f32_close(one(item_seq[:1], noise), xhat[:1], RTOL_REFORMULATION)
+
+
+def test_onnx_export_of_the_causal_tower_matches_eager(tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    model = perturbed_t2diff(CAUSAL, seed=4)
+    assert_onnx_matches(model, tmp_path / "tower.onnx", seeds=(0, 1))
+
+
+def test_logs_in_the_movielens_layout_read_under_any_name(tmp_path: Path) -> None:
+    path = tmp_path / "anything.tsv"
+    pd.DataFrame(
+        {"user_id": [1, 1, 1, 2, 2, 2], "movie_id": [5, 6, 7, 5, 7, 8], "position": range(6)}
+    ).to_csv(path, sep="\t", index=False)
+    data = load_sequences(path, "tsv")
+    assert data.n_users == 2 and data.n_items == 4
+
+
+def test_short_history_cut_keeps_each_users_first_items(tmp_path: Path) -> None:
+    source = tmp_path / "long.csv"
+    rows = [(u, (u * 7 + i) % 50, i) for u in range(40) for i in range(30)]
+    pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp"]).to_csv(source, index=False)
+    out = tmp_path / "short.tsv"
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench/short_history.py"),
+            "--data",
+            str(source),
+            "--out",
+            str(out),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    data = load_sequences(out, "tsv")
+    assert data.n_users == 40
+    assert 5 <= data.lengths.min() and data.lengths.max() <= 15
+    assert len(leave_one_out(data).test_targets) == 40
+    # the first items, in order: user 3's kept sequence is the start of its full one
+    user = int(np.flatnonzero(data.user_ids == "3")[0])
+    first = data.items[data.offsets[user] : data.offsets[user + 1]]
+    expected = [(3 * 7 + i) % 50 for i in range(len(first))]
+    assert [int(data.item_ids[t - 1]) for t in first] == expected
