@@ -81,18 +81,27 @@ class SequentialRecommender(nn.Module):
 
     # False: an epoch visits every training position once, each as the last of its own
     # window (one target per window).  True: the loss has a target at every position of
-    # the window (the next item; the window's target at the newest), so an epoch visits
-    # each user's newest training position only: the same (prefix, next item) pairs as the
-    # sliding windows in one pass per user, as SASRec's own recipe and SASRec+/gSASRec do.
+    # the window (the next item; the window's target at the newest), so an epoch visits one
+    # window per user, ending at ``dense_cut``: "newest", the user's newest training
+    # position (the same (prefix, next item) pairs as the sliding windows in one pass per
+    # user, as SASRec's own recipe and SASRec+/gSASRec do), or "random", a position drawn
+    # uniformly per user and epoch (a model with a head on the window's end only, which
+    # would otherwise see the same (window, target) pair every epoch and learn it by heart).
     dense_loss: bool = False
+    dense_cut: str = "newest"
 
-    def training_targets(self, train_targets: np.ndarray, train_users: np.ndarray) -> np.ndarray:
+    def training_targets(
+        self, train_targets: np.ndarray, train_users: np.ndarray, rng: np.random.Generator
+    ) -> np.ndarray:
         """The target positions one epoch visits (``train_targets`` are grouped by user,
         oldest first, as ``data.leave_one_out`` makes them)."""
         if not self.dense_loss or len(train_targets) == 0:
             return train_targets
-        newest = np.append(train_users[1:] != train_users[:-1], True)
-        return train_targets[newest]
+        first = np.flatnonzero(np.append(True, train_users[1:] != train_users[:-1]))
+        counts = np.diff(np.append(first, len(train_targets)))
+        if self.dense_cut == "random":
+            return train_targets[first + (rng.random(len(first)) * counts).astype(np.int64)]
+        return train_targets[first + counts - 1]
 
     def prepare_epoch(
         self, make_batch: Callable[[torch.Tensor], Batch], targets: torch.Tensor

@@ -86,6 +86,7 @@ class SASRecConfig:
     ffn_mult: int = 1  # FFN hidden = ffn_mult * dim (1 in the original SASRec)
     dropout: float = 0.2
     dense_loss: bool = False  # a target at every window position (base.dense_loss)
+    dense_cut: str = "newest"  # where each user's window ends (base.dense_cut)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -133,7 +134,7 @@ class SASRec(_Baseline):
     def __init__(self, n_items: int, config: SASRecConfig) -> None:
         super().__init__(n_items, config.dim)
         self.config = config
-        self.dense_loss = config.dense_loss
+        self.dense_loss, self.dense_cut = config.dense_loss, config.dense_cut
         self.pos_emb = nn.Embedding(config.max_seq_len, config.dim)
         nn.init.normal_(self.pos_emb.weight, std=EMBEDDING_STD)
         self.input_drop = nn.Dropout(config.dropout)
@@ -176,6 +177,7 @@ class GRU4RecConfig:
     dropout: float = 0.2  # on the input embeddings
     output_proj: bool = True  # linear hidden -> dim (forced when hidden != dim)
     dense_loss: bool = False  # a target at every window position (base.dense_loss)
+    dense_cut: str = "newest"  # where each user's window ends (base.dense_cut)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -187,7 +189,7 @@ class GRU4Rec(_Baseline):
     def __init__(self, n_items: int, config: GRU4RecConfig) -> None:
         super().__init__(n_items, config.dim)
         self.config = config
-        self.dense_loss = config.dense_loss
+        self.dense_loss, self.dense_cut = config.dense_loss, config.dense_cut
         hidden = config.hidden or config.dim
         self.input_drop = nn.Dropout(config.dropout)
         self.gru = nn.GRU(config.dim, hidden, num_layers=1, batch_first=True)

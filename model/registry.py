@@ -57,8 +57,18 @@ T2DIFF_VARIANTS: dict[str, dict[str, Any]] = {
     "t2diff_T200": {"diffusion_steps": 200},
     # The causal-transformer encoder over the whole window, trained on every position, the
     # tower fed the served (T-step reverse) xhat; docs/model.md, "the causal encoder".
-    "t2diff_causal": {"encoder": "causal", "dense_loss": True, "tower_xhat": "reverse"},
-    "mixed_attention_causal": {"encoder": "causal", "dense_loss": True, "use_diffusion": False},
+    "t2diff_causal": {
+        "encoder": "causal",
+        "dense_loss": True,
+        "tower_xhat": "reverse",
+        "dropout": 0.2,
+    },
+    "mixed_attention_causal": {
+        "encoder": "causal",
+        "dense_loss": True,
+        "use_diffusion": False,
+        "dropout": 0.2,
+    },
 }
 
 # name -> overrides of DimeRecConfig that define the variant (paper Table 4's ablations)

@@ -73,6 +73,7 @@ class T2DiffConfig:
     # True ("causal" encoder only): the encoder's output after every window position is
     # also trained on that position's next item (base.dense_loss), as SASRec is.
     dense_loss: bool = False
+    dense_cut: str = "random"  # where each user's window ends (base.dense_cut)
     # "one_step": the tower sees xhat from the training step's own U-Net pass at step r
     # (the paper's Algorithm 1; see ``tower_xhat_min_step_frac``).  "reverse": the tower
     # sees what serving feeds it, the T reverse steps from pure noise (gradient-free).
@@ -150,7 +151,7 @@ class T2Diff(SequentialRecommender):
         if config.dense_loss and config.encoder != "causal":
             raise ValueError("t2diff's dense_loss needs encoder='causal'")
         self.config = config
-        self.dense_loss = config.dense_loss
+        self.dense_loss, self.dense_cut = config.dense_loss, config.dense_cut
         d = config.dim
         self.item_emb = nn.Embedding(n_items + 1, d, padding_idx=0)
         nn.init.normal_(self.item_emb.weight, std=0.05)

@@ -157,9 +157,6 @@ def train_run(
         np.save(run_dir / "item_popularity.npy", popularity[1:])
 
     sequences = DeviceSequences.from_data(data, device)
-    train_targets = torch.as_tensor(
-        model.training_targets(split.train_targets, split.train_users), device=device
-    )
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.lr, weight_decay=config.weight_decay
     )
@@ -197,6 +194,15 @@ def train_run(
     stop_reason = "max_epochs"
     for epoch in range(start_epoch, epochs):
         model.train()
+        # The same draw on every rank (seeded by the run's seed and the epoch).
+        train_targets = torch.as_tensor(
+            model.training_targets(
+                split.train_targets,
+                split.train_users,
+                np.random.default_rng([config.seed, epoch]),
+            ),
+            device=device,
+        )
         order = train_targets[
             torch.randperm(len(train_targets), device=device, generator=generator)
         ]

@@ -38,9 +38,16 @@ def test_training_targets_are_each_users_newest_with_a_dense_loss() -> None:
     plain = build_model("sasrec", N_ITEMS, make_config("sasrec"))
     targets = np.array([1, 2, 3, 11, 21, 22])
     users = np.array([0, 0, 0, 1, 2, 2])
-    assert plain.training_targets(targets, users).tolist() == targets.tolist()
-    assert sasrec.training_targets(targets, users).tolist() == [3, 11, 22]
-    assert sasrec.training_targets(targets[:0], users[:0]).tolist() == []
+    rng = np.random.default_rng(0)
+    assert plain.training_targets(targets, users, rng).tolist() == targets.tolist()
+    assert sasrec.training_targets(targets, users, rng).tolist() == [3, 11, 22]
+    assert sasrec.training_targets(targets[:0], users[:0], rng).tolist() == []
+    # "random": one position per user, each of its positions drawn over many epochs
+    t2diff = build_model("t2diff_causal", N_ITEMS, make_config("t2diff_causal"))
+    assert t2diff.dense_cut == "random"
+    drawn = [t2diff.training_targets(targets, users, np.random.default_rng(e)) for e in range(64)]
+    assert all(len(d) == 3 and d[1] == 11 for d in drawn)
+    assert {int(d[0]) for d in drawn} == {1, 2, 3} and {int(d[2]) for d in drawn} == {21, 22}
 
 
 @pytest.mark.parametrize("name", ["sasrec", "gru4rec"])
