@@ -327,8 +327,8 @@ def test_nginx_keeps_the_callers_request_id() -> None:
 
 @pytest.mark.parametrize(
     "uri",
-    ["/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json", "/admin/reload",
-     "/admin/rollback"],
+    ["/metrics", "/metrics/", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json",
+     "/admin/reload", "/admin/rollback"],
 )  # fmt: skip
 def test_nginx_hides_internal_endpoints(uri: str) -> None:
     body = _nginx_route(uri)
