@@ -19,6 +19,7 @@ import gc
 import logging
 import os
 import time
+import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from redis.exceptions import RedisError
 from contracts.manifest import ArtifactError, read_manifest
 from service.batcher import MicroBatcher
 from service.core import RecallEngine
+from service.memory import limit_malloc_arenas, release_free_memory
 from service.observability import Metrics
 from service.remote_tower import TowerBackend
 from service.sessions import SessionStore
@@ -53,6 +55,12 @@ REDIS_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
 # than a readiness probe's timeout (deploy/k8s: 2 s), and enough for a warm that finds few
 # users to end first (tests, a fresh deployment).
 WARM_READY_WAIT_S = 0.5
+# After a swap, how long past MAX_BUDGET_MS to wait for the last request holding the old
+# engine (a batch already running in its thread), and how often to look.
+RELEASE_MARGIN_S = 2.0
+RELEASE_POLL_S = 0.02
+# When it is still referenced then: how long to look (once a second) before giving up.
+RELEASE_FOLLOW_UP_S = 300.0
 # How long /readyz waits for Redis's PONG: with the warm wait above, well under the
 # readiness probe's 2 s timeout even when Redis is a black hole (a probe that times out
 # would take the pod out of the Service, which is what Redis must never do).
@@ -136,6 +144,8 @@ class ServiceState:
         self._reload_lock = asyncio.Lock()
         self._last_attempt: tuple[str, str] | None = None
         self._watcher: asyncio.Task[None] | None = None
+        # After a swap whose old engine outlived the wait: settles once it is freed.
+        self._settle_task: asyncio.Task[None] | None = None
         # Near-line xhat (service/xhat_warm.py): the last warm's progress, the startup warm,
         # the recompute after writes, and their one low-priority thread.
         self.warm: WarmProgress | None = None
@@ -147,6 +157,9 @@ class ServiceState:
 
     async def start(self) -> None:
         settings = self.settings
+        # Before the worker threads exist: fewer malloc arenas keep fewer fragments of the
+        # versions a hot swap frees (service/memory.py).
+        limit_malloc_arenas()
         # AnyIO's default limiter serves FastAPI's sync code and our file loads; inference
         # has its own limiter (the batcher's), so the two never starve each other.
         anyio.to_thread.current_default_thread_limiter().total_tokens = (
@@ -200,7 +213,7 @@ class ServiceState:
             self._watcher = asyncio.create_task(self._watch_forever(), name="version-watcher")
 
     async def close(self) -> None:
-        for task in (self._watcher, self._warm_task):
+        for task in (self._watcher, self._warm_task, self._settle_task):
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
@@ -306,40 +319,9 @@ class ServiceState:
     def _load_engine(
         self, artifacts: str, index_dir: str
     ) -> tuple[RecallEngine | None, dict[str, str]]:
-        """Load tower + index from these (resolved) dirs; (engine or None, reasons)."""
-        settings = self.settings
-        errors: dict[str, str] = {}
-        tower = index = None
-        try:
-            tower = UserTowerRunner(
-                Path(artifacts),
-                settings.ort_intra_threads,
-                settings.xhat_cache_size,
-                TowerBackend.from_settings(settings),
-            )
-        except Exception as exc:  # any failure (checksums, ORT, numpy) is a reason
-            errors["tower"] = reason_of(exc)
-            _log_load_failure(exc, "user tower not loaded from %s", artifacts)
-        try:
-            # Imported here: loading FAISS is part of loading the index, and a broken FAISS
-            # install must surface as a readiness reason.
-            from index_builder.loaded import load_index
+        return load_engine(self.settings, artifacts, index_dir)
 
-            index = load_index(Path(index_dir))
-        except Exception as exc:
-            errors["index"] = reason_of(exc)
-            _log_load_failure(exc, "index not loaded from %s", index_dir)
-        if tower is None or index is None:
-            return None, errors
-        try:
-            engine = RecallEngine(tower, index, nprobe=settings.nprobe)
-            engine.warm_up()
-        except Exception as exc:
-            errors["engine"] = reason_of(exc)
-            log.error("tower and index do not fit together: %s", errors["engine"])
-            return None, errors
-        return engine, errors
-
+    # ------------------------------------------------------------------ swapping
     def _install(self, engine: RecallEngine, paths: tuple[str, str]) -> None:
         # One reference assignment: requests that already hold the old engine finish with it.
         self.engine = engine
@@ -382,12 +364,13 @@ class ServiceState:
                 # Before the switch, on the low-priority thread while the old version
                 # serves: the new version's first recalls hit like the old one's did.
                 await self._warm(engine, self.store, "swap", self._background, 1)
-            old = self.engine
+            old = weakref.ref(self.engine) if self.engine is not None else None
             self._install(engine, paths)
-            del old, engine
-            # The old ONNX session and FAISS index are large: free them now, not whenever
+            del engine
+            # The old ONNX sessions, FAISS index and xhat cache are large: wait until the
+            # requests that hold the old engine end, then give its memory back to the OS
             # (and freeze the new version's heap, see settle_heap).
-            await anyio.to_thread.run_sync(settle_heap)
+            await self._release(old)
             self.metrics.reloads.labels(trigger, "success").inc()
             assert self.engine is not None
             log.info(
@@ -403,6 +386,53 @@ class ServiceState:
                 "model_version": self.engine.model_version,
                 "index_version": self.engine.index_version,
             }
+
+    async def _release(self, old: weakref.ref[RecallEngine] | None) -> None:
+        """Wait (bounded) until nothing references the swapped-out engine, then settle the
+        heap: a collection, ``malloc_trim`` and ``gc.freeze`` (:func:`settle_heap`).
+
+        Requests that got the old engine before the swap finish with it (at most their
+        budget, plus a batch already running in its thread); trimming before they end would
+        return nothing.  An engine still referenced after the wait is logged: something
+        keeps old versions alive (docs/results/service.md, "Memory over hot swaps").
+        """
+        if old is None:
+            await anyio.to_thread.run_sync(settle_heap)
+            return
+        engine = old()
+        version = engine.model_version if engine is not None else None
+        del engine
+        started = time.monotonic()
+        deadline = started + self.settings.max_budget_ms / 1000 + RELEASE_MARGIN_S
+        while old() is not None and time.monotonic() < deadline:
+            await asyncio.sleep(RELEASE_POLL_S)
+        if old() is None:
+            log.info("model %s freed %.2fs after the swap", version, time.monotonic() - started)
+            await anyio.to_thread.run_sync(settle_heap)
+            return
+        # Still referenced: freezing now would move whatever holds it (a request's frames in
+        # a reference cycle, say) to the permanent generation, where the collector never
+        # frees it, and the old version with it.  Collect and trim without freezing; freeze
+        # once it is gone.
+        log.warning("the swapped-out model %s is still referenced after the swap", version)
+        await anyio.to_thread.run_sync(settle_heap, False)
+        if self._settle_task is not None:
+            self._settle_task.cancel()
+        self._settle_task = asyncio.create_task(
+            self._settle_when_freed(old, version), name="settle-after-swap"
+        )
+
+    async def _settle_when_freed(self, old: weakref.ref[RecallEngine], version: str | None) -> None:
+        """Settle the heap (with the freeze) once the old engine is gone; give up after
+        RELEASE_FOLLOW_UP_S (the next swap settles again anyway)."""
+        deadline = time.monotonic() + RELEASE_FOLLOW_UP_S
+        while old() is not None:
+            if time.monotonic() > deadline:
+                log.warning("the swapped-out model %s is still referenced", version)
+                return
+            await asyncio.sleep(1.0)
+        log.info("model %s freed; heap settled", version)
+        await anyio.to_thread.run_sync(settle_heap)
 
     def _failed(
         self, trigger: str, paths: tuple[str, str], errors: dict[str, str]
@@ -426,7 +456,48 @@ class ServiceState:
                 log.exception("version watcher failed")
 
 
-def settle_heap() -> None:
+def load_engine(
+    settings: Settings, artifacts: str | Path, index_dir: str | Path
+) -> tuple[RecallEngine | None, dict[str, str]]:
+    """Load tower + index from these dirs as the service does (its settings: ORT threads,
+    xhat cache, tower backend, nprobe), and warm them up with one recall; (engine or None,
+    reasons).  ``t2diff rebuild``'s validation loads a candidate through this too
+    (``service.release_check``), so that what is promoted is what the service can load.
+    """
+    errors: dict[str, str] = {}
+    tower = index = None
+    try:
+        tower = UserTowerRunner(
+            Path(artifacts),
+            settings.ort_intra_threads,
+            settings.xhat_cache_size,
+            TowerBackend.from_settings(settings),
+        )
+    except Exception as exc:  # any failure (checksums, ORT, numpy) is a reason
+        errors["tower"] = reason_of(exc)
+        _log_load_failure(exc, "user tower not loaded from %s", artifacts)
+    try:
+        # Imported here: loading FAISS is part of loading the index, and a broken FAISS
+        # install must surface as a readiness reason.
+        from index_builder.loaded import load_index
+
+        index = load_index(Path(index_dir))
+    except Exception as exc:
+        errors["index"] = reason_of(exc)
+        _log_load_failure(exc, "index not loaded from %s", index_dir)
+    if tower is None or index is None:
+        return None, errors
+    try:
+        engine = RecallEngine(tower, index, nprobe=settings.nprobe)
+        engine.warm_up()
+    except Exception as exc:
+        errors["engine"] = reason_of(exc)
+        log.error("tower and index do not fit together: %s", errors["engine"])
+        return None, errors
+    return engine, errors
+
+
+def settle_heap(freeze: bool = True) -> None:
     """Collect garbage once, then freeze what survives (``gc.freeze``): the loaded version's
     objects move to the permanent generation, which the cyclic GC never scans again.
 
@@ -434,12 +505,20 @@ def settle_heap() -> None:
     2-core box, and request churn triggers one every 15-30 s under load; each stalled the
     event loop and every engine thread (the collector holds the GIL), which showed up as
     clusters of 70-120 ms recalls and a Redis write timing out (load.md, run k).  Frozen
-    objects are still freed by reference counting; ``unfreeze`` first lets the collector
-    find the cycles of a version that was just swapped out.
+    objects are still freed by reference counting (a loaded version holds no reference
+    cycle: it is freed without the collector); ``unfreeze`` first lets the collector find
+    any cycle of a version that was just swapped out.
+
+    Between the collection and the freeze, ``malloc_trim(0)`` hands the C heap's free pages
+    back to the OS: a swap loads the new version beside the old one, so the old one's
+    memory (ONNX Runtime's buffers, the FAISS index) is freed in the middle of the heap,
+    where glibc keeps it; without the trim RSS grew ~30 MB a swap under traffic.
     """
     gc.unfreeze()
     gc.collect()
-    gc.freeze()
+    release_free_memory()
+    if freeze:
+        gc.freeze()
 
 
 def _manifest_models(artifacts: str, index_dir: str) -> tuple[str, str]:
