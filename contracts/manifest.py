@@ -4,6 +4,11 @@ Every artifact directory (a model export, an index build) holds its files plus a
 ``manifest.json`` listing each file with its SHA-256 and size.  A directory is only valid
 when every listed file is present with the recorded checksum, so a half-copied or
 corrupted version is refused before anything is loaded from it.
+
+Every listed file lies inside its directory: a name that is absolute, holds a ``..``
+component, or resolves (through a symlink) outside the directory is refused by
+:func:`read_manifest`, which every loader (the export, the index, the service's tower)
+reads first; loaders open listed files through :func:`member_path`.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ import hashlib
 import json
 import os
 import tempfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 MANIFEST_NAME = "manifest.json"
@@ -97,14 +102,36 @@ def read_manifest(directory: Path, verify: bool = True) -> dict[str, Any]:
         raise ArtifactError(f"{manifest_path}: unreadable manifest ({exc})") from exc
     if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
         raise ArtifactError(f"{manifest_path}: manifest has no 'files' table")
+    for name in manifest["files"]:
+        member_path(directory, name)
     if verify:
         verify_files(directory, manifest)
     return manifest
 
 
+def member_path(directory: Path, name: object) -> Path:
+    """``directory / name`` for a file name a manifest lists, refused (:class:`ArtifactError`)
+    unless it stays inside ``directory``: a relative path without ``..`` (or empty)
+    components, not resolving outside ``directory`` through a symlink (the directory itself
+    may be one, e.g. ``artifacts/current``)."""
+    directory = Path(directory)
+    if not isinstance(name, str) or not name or "\x00" in name:
+        raise ArtifactError(f"{directory}: manifest names an invalid file {name!r}")
+    pure = PurePosixPath(name)
+    if pure.is_absolute() or name.startswith("/") or any(p in ("..", "") for p in name.split("/")):
+        raise ArtifactError(f"{directory}: manifest file {name!r} is not inside its directory")
+    base = os.path.realpath(directory)
+    target = os.path.realpath(os.path.join(base, name))
+    if os.path.commonpath([base, target]) != base or target == base:
+        raise ArtifactError(
+            f"{directory}: manifest file {name!r} resolves outside its directory ({target})"
+        )
+    return directory / name
+
+
 def verify_files(directory: Path, manifest: dict[str, Any]) -> None:
     for name, entry in manifest["files"].items():
-        path = Path(directory) / name
+        path = member_path(directory, name)
         if not path.is_file():
             raise ArtifactError(f"{directory}: listed file {name} is missing")
         if path.stat().st_size != entry.get("bytes"):

@@ -19,13 +19,19 @@ Checks, each named in the report:
 * ``recall``: recall@``k`` of the index with its manifest's ``nprobe``/``k_factor``
   against exact inner-product search on ``n_queries`` queries (the export's
   ``query_embeddings.npy`` when present, else user-like sampled queries) >= ``min_recall``;
-  scores returned are finite.
+  scores returned are finite;
+* ``serving`` (only with ``serving_check``, which the ``t2diff`` commands always pass:
+  :func:`service.release_check.check_serving`): the version loads through the service's
+  own loader, every graph the manifest names (the split parts, the one-request part) opens
+  and a warm-up recall answers.  It runs after the checks above passed; this module does
+  not import the service, so index building stays light.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -120,8 +126,14 @@ def validate_release(
     k: int = 100,
     seed: int = 0,
     require_tower: bool = True,
+    serving_check: Callable[[Path, Path], dict[str, Any]] | None = None,
 ) -> ValidationReport:
-    """Run every check (see the module docstring); never raises for a bad version."""
+    """Run every check (see the module docstring); never raises for a bad version.
+
+    ``serving_check(artifacts_dir, index_dir)``: loads the pair as the service would and
+    answers a recall; returns what it exercised, raises with the reason.  Run last, and
+    only when every other check passed.
+    """
     report = ValidationReport()
     artifacts_dir, index_dir = Path(artifacts_dir), Path(index_dir)
     started = time.perf_counter()
@@ -237,5 +249,17 @@ def validate_release(
         report.failed("recall", f"recall@{k} {recall:.4f} < {min_recall} against exact search")
     else:
         report.passed("recall", f"recall@{k} {recall:.4f} >= {min_recall}")
+    if serving_check is not None:
+        if report.ok:
+            try:
+                serving = serving_check(artifacts_dir, index_dir)
+            except Exception as exc:  # noqa: BLE001 - any failure: the service refuses it
+                report.failed("serving", str(exc) or type(exc).__name__)
+            else:
+                report.metrics["serving"] = serving
+                graphs = ", ".join(serving.get("graphs", []))
+                report.passed("serving", f"loaded by the service ({graphs}), recall answered")
+        else:
+            report.passed("serving", "skipped: an earlier check failed")
     report.metrics["seconds"] = round(time.perf_counter() - started, 3)
     return report

@@ -36,6 +36,7 @@ from contracts.manifest import (
     TOWER_PARTS_FIELD,
     USER_TOWER_FILE,
     ArtifactError,
+    member_path,
     read_manifest,
 )
 from contracts.sessions import Session
@@ -287,9 +288,10 @@ class UserTowerRunner:
         return options
 
     def _load_graph(self, file_name: str, intra_op_threads: int | None) -> ort.InferenceSession:
+        path = member_path(self.artifacts_dir, file_name)  # inside the version dir
         try:
             return ort.InferenceSession(
-                str(self.artifacts_dir / file_name),
+                str(path),
                 self._session_options(intra_op_threads),
                 providers=_providers(),
             )

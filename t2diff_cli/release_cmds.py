@@ -120,7 +120,21 @@ def validate_version(
         min_ratio=min_ratio,
         max_ratio=max_ratio,
         n_queries=queries,
+        serving_check=serving_check,
     )
+
+
+def serving_check(artifacts: Path, index: Path) -> dict[str, Any]:
+    """The ``serving`` check: the candidate loads through the service's own loader and
+    answers a warm-up recall (``service.release_check``).  Without the serving extras it
+    fails: a version nobody checked the service can load is not promoted."""
+    try:
+        from service.release_check import check_serving
+    except ImportError as exc:
+        raise RebuildError(
+            f"cannot load the service to check the version (pip install .[serve]): {exc}"
+        ) from exc
+    return check_serving(artifacts, index)
 
 
 def _print_report(report: Any) -> None:

@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
+from service_fixtures import mean_pool_tower
 from typer.testing import CliRunner
 
 from contracts.manifest import (
@@ -45,7 +46,7 @@ from contracts.release import (
 from index_builder import build_from_artifacts
 from index_builder.validate import validate_release
 from t2diff_cli.main import app
-from t2diff_cli.release_cmds import RebuildError, newest_run
+from t2diff_cli.release_cmds import RebuildError, newest_run, serving_check
 
 pytestmark = pytest.mark.usefixtures("one_omp_thread")
 
@@ -83,15 +84,25 @@ def make_export(
     np.save(directory / ITEM_EMBEDDINGS_FILE, embeddings)
     ids = [f"i{row}" for row in range(len(embeddings))]
     (directory / ITEM_IDS_FILE).write_text(json.dumps(ids))
-    tower_onnx(directory / USER_TOWER_FILE, tower_dim or embeddings.shape[1])
+    dim = int(embeddings.shape[1])
+    noise_shape = [3, dim]
+    if tower_dim is None or tower_dim == dim:
+        # A tower the service loads and runs (validation loads it as the service does).
+        finite = np.nan_to_num(embeddings, nan=0.0, posinf=0.0, neginf=0.0).astype(np.float32)
+        onnx.save(mean_pool_tower(finite, noise_shape), str(directory / USER_TOWER_FILE))
+    else:
+        tower_onnx(directory / USER_TOWER_FILE, tower_dim)
     write_manifest(
         directory,
         {
             "kind": "user_tower",
             "model_name": "t2diff",
             "model_version": version,
-            "embedding_dim": int(embeddings.shape[1]),
+            "embedding_dim": dim,
             "num_items": len(embeddings),
+            "max_seq_len": 20,
+            "noise_shape": noise_shape,
+            "noise_seed": 0,
         },
     )
     return directory
@@ -138,6 +149,10 @@ def test_good_version_validates(root: Path) -> None:
     assert set(report.checks) == {
         "checksums", "artifacts", "index", "consistency", "tower_dim", "item_count", "recall"
     }  # fmt: skip
+    served = validate_release(
+        root / "artifacts" / "v1", root / "indexes" / "v1", serving_check=serving_check
+    )
+    assert served.checks["serving"].startswith("loaded by the service"), served.failures
     assert report.metrics["recall_at_100"] >= 0.9 and report.metrics["tower_dim"] == DIM
 
 
