@@ -33,7 +33,7 @@ from redis.exceptions import RedisError
 from contracts.manifest import ArtifactError, read_manifest
 from service.batcher import MicroBatcher
 from service.core import RecallEngine
-from service.memory import limit_malloc_arenas, release_free_memory
+from service.memory import release_free_memory
 from service.observability import Metrics
 from service.remote_tower import TowerBackend
 from service.sessions import SessionStore
@@ -157,9 +157,6 @@ class ServiceState:
 
     async def start(self) -> None:
         settings = self.settings
-        # Before the worker threads exist: fewer malloc arenas keep fewer fragments of the
-        # versions a hot swap frees (service/memory.py).
-        limit_malloc_arenas()
         # AnyIO's default limiter serves FastAPI's sync code and our file loads; inference
         # has its own limiter (the batcher's), so the two never starve each other.
         anyio.to_thread.current_default_thread_limiter().total_tokens = (
