@@ -10,11 +10,11 @@ D=.gpu_data/ml-1m/sequences.tsv
 python3 bench/short_history.py --data "$D" --out .gpu_data/short.tsv >/dev/null
 COMMON=(--epochs 400 --batch-size 128 --lr 1e-3 --patience 10 --amp --max-minutes "$MINUTES" "$@")
 L200=()
-for m in sasrec sasrec_rc t2diff_causal mixed_attention_causal t2c_onestep t2c_placebo t2c_xsm t2c_kllast; do
+for m in sasrec t2diff_causal mixed_attention_causal t2c_onestep t2c_placebo t2c_xsm t2c_kllast; do
   L200+=(--set "$m:max_seq_len=200")
 done
 python3 bench/parallel_train.py --data "$D" --out "$ROUND/ml1m" "${COMMON[@]}" "${L200[@]}" \
-  --set sasrec:dense_loss=true --set sasrec_rc:dense_cut=random --set t2diff_causal:diffusion_len=50 \
+  --set sasrec:dense_loss=true --set t2diff_causal:diffusion_len=50 \
   --set t2c_onestep:diffusion_len=50 --set t2c_onestep:tower_xhat=one_step \
   --set t2c_placebo:diffusion_len=50 --set t2c_placebo:diffusion_weight=0.0 \
   --set t2c_xsm:diffusion_len=50 --set t2c_xsm:xhat_softmax_weight=1.0 \
@@ -22,7 +22,7 @@ python3 bench/parallel_train.py --data "$D" --out "$ROUND/ml1m" "${COMMON[@]}" "
   sasrec:0 sasrec:1 sasrec:2 t2diff_causal:0 t2diff_causal:1 t2diff_causal:2 \
   mixed_attention_causal:0 mixed_attention_causal:1 mixed_attention_causal:2 \
   t2c_onestep=t2diff_causal:0 t2c_placebo=t2diff_causal:0 t2c_xsm=t2diff_causal:0 \
-  t2c_kllast=t2diff_causal:0 sasrec_rc=sasrec:0 > "$ROUND/ml1m.out" 2>&1 &
+  t2c_kllast=t2diff_causal:0 > "$ROUND/ml1m.out" 2>&1 &
 python3 bench/parallel_train.py --data .gpu_data/short.tsv --format tsv --out "$ROUND/short" \
   "${COMMON[@]}" --set sasrec:dense_loss=true \
   sasrec:0 t2diff_causal:0 mixed_attention_causal:0 t2diff:0 > "$ROUND/short.out" 2>&1 &
