@@ -24,6 +24,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model.metrics import REPORTED_METRICS as METRICS  # noqa: E402
 
 
+def _finished(run_dir: Path) -> bool:
+    """The run stopped early (validation stopped improving) and has its metrics."""
+    meta_path, metrics_path = run_dir / "run.json", run_dir / "metrics.json"
+    if not (meta_path.is_file() and metrics_path.is_file()):
+        return False
+    return bool(json.loads(meta_path.read_text()).get("stopped_early"))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data", required=True)
@@ -105,6 +113,10 @@ def main() -> int:
             args.device,
         ]
         script = " ".join(f"'{a}'" for a in train) + " && " + " ".join(f"'{a}'" for a in evaluate)
+        if args.resume and _finished(run_dir):
+            # Stopped early in an earlier call and evaluated: nothing left to do (its
+            # checkpoint may not even have been brought back).
+            script = f"echo '{name}: stopped early before, kept as it is'"
         log = open(args.out / f"{name}.log", "w")  # noqa: SIM115 - closed after wait
         processes.append(
             (
