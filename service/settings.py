@@ -163,6 +163,11 @@ class Settings(BaseSettings):
     ort_intra_threads: int | None = Field(
         default=None, gt=0, description="ORT intra-op threads per session; None = 1"
     )
+    ort_cpu_arena: Literal["off", "own", "shared"] = Field(
+        default="off",
+        description="ONNX Runtime's CPU memory arena: off (memory flat over hot swaps, "
+        "~3 % slower per request), own (one per session), shared (one per process)",
+    )
     # AnyIO's default thread limiter (FastAPI's sync code and file loads); inference has its
     # own limiter of inference_concurrency tokens.
     default_thread_limit: int = Field(default=16, gt=0, le=1024)

@@ -469,6 +469,7 @@ def load_engine(
             settings.ort_intra_threads,
             settings.xhat_cache_size,
             TowerBackend.from_settings(settings),
+            settings.ort_cpu_arena,
         )
     except Exception as exc:  # any failure (checksums, ORT, numpy) is a reason
         errors["tower"] = reason_of(exc)

@@ -74,6 +74,26 @@ def _required(manifest: dict[str, Any], name: str, kind: type | tuple[type, ...]
     return value
 
 
+CPU_ARENA_MODES = ("off", "own", "shared")
+_SHARED_ARENA: list[bool] = []  # [registered?], set once per process
+
+
+def _shared_cpu_arena() -> bool:
+    """Register one CPU arena allocator in ONNX Runtime's environment (once per process);
+    False where this ORT build cannot (sessions then keep their own arenas)."""
+    if not _SHARED_ARENA:
+        try:
+            memory = ort.OrtMemoryInfo(
+                "Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT
+            )
+            # 0 / -1: ORT's defaults (no cap, its own growth strategy and chunk sizes)
+            ort.create_and_register_allocator(memory, ort.OrtArenaCfg(0, -1, -1, -1))
+            _SHARED_ARENA.append(True)
+        except Exception as exc:  # an ORT without the API, or one registered already
+            _SHARED_ARENA.append("already registered" in str(exc).lower())
+    return _SHARED_ARENA[0]
+
+
 class XhatCache:
     """A bounded, thread-safe LRU of ``xhat`` rows (float32 ``[d]``) by key.
 
@@ -140,7 +160,11 @@ class UserTowerRunner:
         intra_op_threads: int | None = None,
         xhat_cache_size: int = 0,
         backend: TowerBackend | None = None,
+        cpu_arena: str = "off",
     ) -> None:
+        if cpu_arena not in CPU_ARENA_MODES:
+            raise ValueError(f"cpu_arena is one of {CPU_ARENA_MODES}, not {cpu_arena!r}")
+        self._cpu_arena = cpu_arena
         self.artifacts_dir = Path(artifacts_dir)
         if not self.artifacts_dir.is_dir():
             raise ArtifactError(f"{self.artifacts_dir}: artifacts directory does not exist")
@@ -274,8 +298,7 @@ class UserTowerRunner:
             raise ArtifactError(f"{POPULARITY_FILE} holds negative or non-finite counts")
         return popularity
 
-    @staticmethod
-    def _session_options(intra_op_threads: int | None) -> ort.SessionOptions:
+    def _session_options(self, intra_op_threads: int | None) -> ort.SessionOptions:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # Measured on the 2-core box (docs/results/inference.md): one intra-op thread per
@@ -285,6 +308,15 @@ class UserTowerRunner:
         options.intra_op_num_threads = intra_op_threads if intra_op_threads is not None else 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.enable_mem_reuse = False
+        # ORT's CPU memory arena (ORT_CPU_ARENA): "own", one per session, keeps the peak of
+        # every batch size the session ran and gives nothing back, so hot swaps left the
+        # old versions' blocks in the heap (RSS +16 % over 30 swaps); "shared", one arena
+        # for the process, did no better (+16.8 %); "off" (the default) kept RSS flat over
+        # 30 swaps at a cost of ~3 % per request (docs/results/service.md, "Memory over hot
+        # swaps"; bench/ort_arena_probe.py).
+        options.enable_cpu_mem_arena = self._cpu_arena != "off"
+        if self._cpu_arena == "shared" and _shared_cpu_arena():
+            options.add_session_config_entry("session.use_env_allocators", "1")
         return options
 
     def _load_graph(self, file_name: str, intra_op_threads: int | None) -> ort.InferenceSession:

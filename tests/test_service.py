@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pytest
 import redis
 from fastapi.testclient import TestClient
@@ -321,3 +322,25 @@ def test_service_imports_without_torch() -> None:
         [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("mode", ["off", "own", "shared"])
+def test_ort_cpu_arena_modes_answer_alike(tiny_export: Path, mode: str) -> None:
+    """ORT_CPU_ARENA only changes where ONNX Runtime keeps its buffers, never an answer;
+    "off" (the default: memory flat over hot swaps) turns each session's arena off."""
+    from service.settings import Settings
+
+    assert Settings().ort_cpu_arena == "off"
+    reference = UserTowerRunner(tiny_export)
+    tower = UserTowerRunner(tiny_export, cpu_arena=mode)
+    options = tower._session_options(None)
+    assert options.enable_cpu_mem_arena is (mode != "off")
+    tokens, stamps = [[3, 4, 5], [1, 2, 3, 4, 5]], [[1.0, 2.0, 3.0], [1.0, 2.0, 3.0, 4.0, 5.0]]
+    np.testing.assert_array_equal(
+        tower.embed_tokens(tokens, stamps, 10.0), reference.embed_tokens(tokens, stamps, 10.0)
+    )
+
+
+def test_ort_cpu_arena_rejects_an_unknown_mode(tiny_export: Path) -> None:
+    with pytest.raises(ValueError, match="cpu_arena"):
+        UserTowerRunner(tiny_export, cpu_arena="big")
