@@ -2,7 +2,8 @@
 
 ``python bench/pack_runs.py OUT_DIR RUNS_DIR...`` writes ``OUT_DIR/results.tgz`` (every
 run without checkpoints or TensorBoard files) and ``OUT_DIR/ckpt-N.tar`` (the
-``checkpoint.pt`` of each run that has not stopped early, at most ``--part-mb`` per tar),
+``checkpoint.pt`` and best ``model.pt`` of each run that has not stopped early, at most
+``--part-mb`` per tar, ``--first`` runs first; the device returns 8 files, 64 MB in all),
 so a later call can ``--resume`` the unfinished runs to early stopping.
 """
 
@@ -19,6 +20,9 @@ def main() -> int:
     parser.add_argument("out", type=Path)
     parser.add_argument("runs", nargs="+", type=Path)
     parser.add_argument("--part-mb", type=float, default=15.5)
+    parser.add_argument(
+        "--first", action="append", default=[], help="pack runs whose path has this first"
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     unfinished: list[Path] = []
@@ -27,7 +31,9 @@ def main() -> int:
             tar.add(
                 root,
                 filter=lambda info: (
-                    None if info.name.endswith("checkpoint.pt") or "/tb" in info.name else info
+                    None
+                    if info.name.endswith(("checkpoint.pt", "model.pt")) or "/tb" in info.name
+                    else info
                 ),
             )
             for meta_path in sorted(root.glob("*/run.json")):
@@ -35,14 +41,18 @@ def main() -> int:
                 checkpoint = meta_path.parent / "checkpoint.pt"
                 if not meta.get("stopped_early") and checkpoint.is_file():
                     unfinished.append(checkpoint)
+    # The rows that matter most first, in case the return limit drops the last tars.
+    unfinished.sort(key=lambda path: not any(key in str(path) for key in args.first))
     part, size, tar = 0, 0.0, None
     for checkpoint in unfinished:
-        mb = checkpoint.stat().st_size / 2**20
+        best = checkpoint.parent / "model.pt"  # a resumed run that never improves needs it
+        mb = (checkpoint.stat().st_size + best.stat().st_size) / 2**20
         if tar is None or size + mb > args.part_mb:
             if tar is not None:
                 tar.close()
             tar, size, part = tarfile.open(args.out / f"ckpt-{part}.tar", "w"), 0.0, part + 1
         tar.add(checkpoint)
+        tar.add(best)
         size += mb
     if tar is not None:
         tar.close()
