@@ -50,7 +50,9 @@ def synthetic_sessions(engine: RecallEngine, now: float) -> list[Session]:
     """Three sessions of the export's own items: the most popular, the least popular, and a
     seeded random draw; one behaviour a minute up to a minute ago."""
     tower = engine.tower
-    n = min(SESSION_ITEMS, tower.num_items)
+    # At most half the corpus: a session holding every item leaves nothing to recommend
+    # once the seen items are excluded (a tiny corpus would fail the check for nothing).
+    n = min(SESSION_ITEMS, max(1, tower.num_items // 2))
     rows = [
         tower.popular_rows[:n],
         tower.popular_rows[::-1][:n],

@@ -199,3 +199,44 @@ def test_short_history_cut_keeps_each_users_first_items(tmp_path: Path) -> None:
     first = data.items[data.offsets[user] : data.offsets[user + 1]]
     expected = [(3 * 7 + i) % 50 for i in range(len(first))]
     assert [int(data.item_ids[t - 1]) for t in first] == expected
+
+
+def test_causal_export_passes_the_services_release_check(tmp_path: Path) -> None:
+    """A causal T2Diff whose diffusion reads fewer behaviours than the tower exports (single
+    graph, split parts, one-request part), loads in the service's own loader and answers
+    recalls, as ``t2diff rebuild`` checks before it promotes; the service's embedding is
+    PyTorch's."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("faiss")
+    from export_fixtures import export_tiny_t2diff
+    from service_fixtures import build_tiny_index
+
+    from service.release_check import check_serving
+    from service.settings import Settings
+    from service.state import load_engine
+
+    model = perturbed_t2diff(CAUSAL, seed=6)
+    artifacts = export_tiny_t2diff(
+        tmp_path / "artifacts" / "v1",
+        model,
+        "v1",
+        noise_seed=3,
+        item_name=lambda row: f"i{row}",
+        split=True,
+    )
+    index = build_tiny_index(artifacts, tmp_path / "indexes" / "v1")
+    report = check_serving(artifacts, index)
+    assert set(report["graphs"]) == {"single", "diffusion", "attention", "diffusion_one"}
+    engine, errors = load_engine(Settings(), artifacts, index)
+    assert engine is not None, errors
+    tokens, stamps = [[3, 4, 5, 6, 7, 8, 9, 10, 11, 12]], [[float(i) for i in range(10)]]
+    served = engine.tower.embed_tokens(tokens, stamps, 20.0)
+    item_seq = torch.zeros(1, CAUSAL["max_seq_len"], dtype=torch.int64)
+    item_seq[0, 2:] = torch.tensor(tokens[0])
+    time_lag = torch.zeros(1, CAUSAL["max_seq_len"])
+    time_lag[0, 2:] = 20.0 - torch.tensor(stamps[0])
+    with torch.no_grad():
+        expected = model.user_embedding(
+            Batch(item_seq, time_lag), torch.from_numpy(engine.tower.noise)
+        )
+    assert_f32_close(served, expected, RTOL_REFORMULATION)
