@@ -689,7 +689,8 @@ class FusedTower(nn.Module):
     ) -> torch.Tensor:
         batch = Batch(item_seq, time_lag)
         x = self.model.item_emb(item_seq)
-        user = self.model._tower(batch, x, self.steps(x, noise))
+        # the diffusion reads the newest diffusion_length behaviours (all by default)
+        user = self.model._tower(batch, x, self.steps(self.model.diffusion_window(x), noise))
         return keep_contract_inputs(user, batch, noise)
 
     def user_embedding(self, batch: Batch, noise: torch.Tensor) -> torch.Tensor:

@@ -148,8 +148,16 @@ def test_auto_takes_pipelined_only_for_tf32_on_at_most_one_wave_of_4_warp_progra
         assert auto.kernel_for(sms + 1, cuda) == "uniform"
 
 
-def test_fused_tower_matches_user_embedding() -> None:
-    model = _model(seed=3)
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        # the causal tower over 17 behaviours, the diffusion over the newest 13
+        {"encoder": "causal", "dense_loss": True, "max_seq_len": 17, "diffusion_len": 13},
+    ],
+)
+def test_fused_tower_matches_user_embedding(overrides: dict) -> None:
+    model = _model(seed=3, **overrides)
     tower = FusedTower(model).to(DEVICE)
     item_seq, time_lag, noise = _inputs(model, 2, seed=4)
     with torch.no_grad():
