@@ -90,6 +90,12 @@ class SequentialRecommender(nn.Module):
     dense_loss: bool = False
     dense_cut: str = "newest"
 
+    def use_dense_loss(self, dense_loss: bool, dense_cut: str = "newest") -> None:
+        """Turn the every-position loss on or off (``dense_cut``: "newest" or "random")."""
+        if dense_cut not in ("newest", "random"):
+            raise ValueError(f"dense_cut is 'newest' or 'random', not {dense_cut!r}")
+        self.dense_loss, self.dense_cut = dense_loss, dense_cut
+
     def training_targets(
         self, train_targets: np.ndarray, train_users: np.ndarray, rng: np.random.Generator
     ) -> np.ndarray:
@@ -136,9 +142,7 @@ class SequentialRecommender(nn.Module):
     ) -> torch.Tensor:
         """``softmax_loss`` of every window position's output ``hidden`` [B, L, d] against
         its next item; positions that hold padding are left out."""
-        following = dense_targets(item_seq, target)
-        valid = (item_seq > 0) & (following > 0)
-        return self.softmax_loss(hidden[valid], following[valid])
+        return self.softmax_loss(*dense_rows(hidden, item_seq, target))
 
     def softmax_loss(self, user: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of the next item: over the whole corpus (padding excluded), or the
@@ -164,6 +168,15 @@ class SequentialRecommender(nn.Module):
 def dense_targets(item_seq: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """[B, L]: the next item of every window position (the window's target at the newest)."""
     return torch.cat([item_seq[:, 1:], target[:, None]], dim=1)
+
+
+def dense_rows(
+    hidden: torch.Tensor, item_seq: torch.Tensor, target: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(outputs [N, d], next items [N]) of the window positions that hold a behaviour."""
+    following = dense_targets(item_seq, target)
+    valid = (item_seq > 0) & (following > 0)
+    return hidden[valid], following[valid]
 
 
 class ExportedTower(nn.Module):

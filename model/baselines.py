@@ -134,7 +134,7 @@ class SASRec(_Baseline):
     def __init__(self, n_items: int, config: SASRecConfig) -> None:
         super().__init__(n_items, config.dim)
         self.config = config
-        self.dense_loss, self.dense_cut = config.dense_loss, config.dense_cut
+        self.use_dense_loss(config.dense_loss, config.dense_cut)
         self.pos_emb = nn.Embedding(config.max_seq_len, config.dim)
         nn.init.normal_(self.pos_emb.weight, std=EMBEDDING_STD)
         self.input_drop = nn.Dropout(config.dropout)
@@ -189,7 +189,7 @@ class GRU4Rec(_Baseline):
     def __init__(self, n_items: int, config: GRU4RecConfig) -> None:
         super().__init__(n_items, config.dim)
         self.config = config
-        self.dense_loss, self.dense_cut = config.dense_loss, config.dense_cut
+        self.use_dense_loss(config.dense_loss, config.dense_cut)
         hidden = config.hidden or config.dim
         self.input_drop = nn.Dropout(config.dropout)
         self.gru = nn.GRU(config.dim, hidden, num_layers=1, batch_first=True)

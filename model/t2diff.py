@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from model.base import Batch, SequentialRecommender, dense_targets, keep_contract_inputs
+from model.base import Batch, SequentialRecommender, dense_rows, keep_contract_inputs
 from model.baselines import CausalBlock
 from model.schedule import NoiseSchedule
 from model.unet import UNet1D
@@ -151,10 +151,12 @@ class T2Diff(SequentialRecommender):
             raise ValueError("t2diff's tower_xhat is 'one_step' or 'reverse'")
         if config.kl_positions not in ("all", "last"):
             raise ValueError("t2diff's kl_positions is 'all' or 'last'")
+        if config.diffusion_len < 0:
+            raise ValueError("t2diff needs diffusion_len >= 0 (0 = the whole window)")
         if config.dense_loss and config.encoder != "causal":
             raise ValueError("t2diff's dense_loss needs encoder='causal'")
         self.config = config
-        self.dense_loss, self.dense_cut = config.dense_loss, config.dense_cut
+        self.use_dense_loss(config.dense_loss, config.dense_cut)
         d = config.dim
         self.item_emb = nn.Embedding(n_items + 1, d, padding_idx=0)
         nn.init.normal_(self.item_emb.weight, std=0.05)
@@ -234,9 +236,7 @@ class T2Diff(SequentialRecommender):
             # user's one end-of-window pair ~L times a position, and that pair is the same
             # every epoch: it was learnt by heart, short-history valid NDCG@10 0.08 against
             # SASRec's 0.12.)
-            following = dense_targets(batch.item_seq, batch.target)
-            valid = (batch.item_seq > 0) & (following > 0)
-            rows, targets = per_position[valid], following[valid]
+            rows, targets = dense_rows(per_position, batch.item_seq, batch.target)
             if x_next is not None:
                 rows = torch.cat([rows, user], dim=0)
                 targets = torch.cat([targets, batch.target], dim=0)

@@ -192,17 +192,17 @@ def train_run(
     if config.compile and trainable:
         loss_module = torch.compile(loss_module)  # type: ignore[assignment]
     stop_reason = "max_epochs"
+    epoch_targets: np.ndarray | None = None
     for epoch in range(start_epoch, epochs):
         model.train()
-        # The same draw on every rank (seeded by the run's seed and the epoch).
-        train_targets = torch.as_tensor(
-            model.training_targets(
-                split.train_targets,
-                split.train_users,
-                np.random.default_rng([config.seed, epoch]),
-            ),
-            device=device,
+        # The same draw on every rank (seeded by the run's seed and the epoch); copied to
+        # the device only when the model drew other targets than last epoch's.
+        drawn = model.training_targets(
+            split.train_targets, split.train_users, np.random.default_rng([config.seed, epoch])
         )
+        if drawn is not epoch_targets:
+            epoch_targets = drawn
+            train_targets = torch.as_tensor(drawn, device=device)
         order = train_targets[
             torch.randperm(len(train_targets), device=device, generator=generator)
         ]

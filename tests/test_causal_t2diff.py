@@ -240,3 +240,51 @@ def test_causal_export_passes_the_services_release_check(tmp_path: Path) -> None
             Batch(item_seq, time_lag), torch.from_numpy(engine.tower.noise)
         )
     assert_f32_close(served, expected, RTOL_REFORMULATION)
+
+
+def test_bad_dense_and_diffusion_options_are_refused() -> None:
+    with pytest.raises(ValueError, match="dense_cut"):
+        build_model("sasrec", N_ITEMS, make_config("sasrec", {"dense_cut": "oldest"}))
+    with pytest.raises(ValueError, match="dense_cut"):
+        perturbed_t2diff({**CAUSAL, "dense_cut": "middle"})
+    with pytest.raises(ValueError, match="diffusion_len"):
+        perturbed_t2diff({**CAUSAL, "diffusion_len": -1})
+    with pytest.raises(ValueError, match="unknown option"):
+        make_config("two_tower", {"dense_loss": True})  # no per-position outputs
+
+
+def test_parallel_train_resume_keeps_a_run_that_stopped_early(tmp_path: Path) -> None:
+    """``--resume`` does not retrain (or need the checkpoint of) a run that had converged;
+    its metrics go into the summary as they are."""
+    import json
+
+    run = tmp_path / "rounds" / "sasrec_s0"
+    run.mkdir(parents=True)
+    (run / "run.json").write_text(
+        json.dumps({"stopped_early": True, "best_epoch": 4, "epochs_run": 9})
+    )
+    from model.metrics import REPORTED_METRICS
+
+    metrics = {m: 0.25 for m in (*REPORTED_METRICS, "ndcg@10")}
+    (run / "metrics.json").write_text(
+        json.dumps({"model_name": "sasrec", "sasrec": {"test": metrics, "valid": metrics}})
+    )
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench/parallel_train.py"),
+            "--data",
+            str(tmp_path / "absent.tsv"),  # never read: nothing is trained
+            "--out",
+            str(tmp_path / "rounds"),
+            "--resume",
+            "sasrec:0",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    summary = pd.read_csv(tmp_path / "rounds" / "summary.csv")
+    assert summary["name"].tolist() == ["sasrec_s0"], done.stdout
+    assert bool(summary["stopped_early"].iloc[0]) and summary["epochs_run"].iloc[0] == 9
+    assert "kept as it is" in (tmp_path / "rounds" / "sasrec_s0.log").read_text()
