@@ -22,7 +22,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from model.base import Batch, SequentialRecommender, dense_rows, keep_contract_inputs
+from model.base import (
+    Batch,
+    SequentialRecommender,
+    dense_rows,
+    dense_targets,
+    keep_contract_inputs,
+)
 from model.baselines import CausalBlock
 from model.schedule import NoiseSchedule
 from model.unet import UNet1D
@@ -88,6 +94,13 @@ class T2DiffConfig:
     # "all": L_KL over every window position (the paper); "last": only the newest, the one
     # position whose target is not in the condition X.
     kl_positions: str = "all"
+    # > 0 ("causal" encoder, dense loss): in training, besides the xhat token after the
+    # window, K more xhat tokens at random cut points c of the window, each reconstructed
+    # by the diffusion from the behaviours up to c and predicting behaviour c + 1.  The
+    # served path (the xhat token's output) is then trained on K + 1 predictions per
+    # window rather than one of the ~L rows of the every-position loss, and L_KL sees K + 1
+    # windows per user.  Serving is unchanged (one token after the window).
+    xhat_cuts: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -155,6 +168,10 @@ class T2Diff(SequentialRecommender):
             raise ValueError("t2diff needs diffusion_len >= 0 (0 = the whole window)")
         if config.dense_loss and config.encoder != "causal":
             raise ValueError("t2diff's dense_loss needs encoder='causal'")
+        if config.xhat_cuts < 0:
+            raise ValueError("t2diff needs xhat_cuts >= 0")
+        if config.xhat_cuts > 0 and not (config.dense_loss and config.use_diffusion):
+            raise ValueError("t2diff's xhat_cuts needs dense_loss and use_diffusion")
         self.config = config
         self.use_dense_loss(config.dense_loss, config.dense_cut)
         d = config.dim
@@ -220,13 +237,20 @@ class T2Diff(SequentialRecommender):
         x = self.item_emb(batch.item_seq)
         cfg = self.config
         parts: dict[str, torch.Tensor] = {}
-        if cfg.use_diffusion:
+        cuts = None
+        if cfg.use_diffusion and cfg.xhat_cuts > 0:
+            cuts, cut_batch = self._draw_cuts(batch)
+            x_next, diffusion_loss, xhat_loss = self._diffusion_train(
+                cut_batch, self.item_emb(cut_batch.item_seq)
+            )
+            x_next = x_next.reshape(*cuts.shape, -1)
+        elif cfg.use_diffusion:
             x_next, diffusion_loss, xhat_loss = self._diffusion_train(batch, x)
-            if cfg.xhat_softmax_weight > 0:
-                parts["xhat"] = xhat_loss.detach()
         else:
             x_next, diffusion_loss, xhat_loss = None, x.new_zeros(()), x.new_zeros(())
-        user, per_position = self._encode(batch, x, x_next)
+        if cfg.use_diffusion and cfg.xhat_softmax_weight > 0:
+            parts["xhat"] = xhat_loss.detach()
+        user, per_position = self._encode(batch, x, x_next, cuts)
         if per_position is None:
             tower_loss = self.softmax_loss(user, batch.target)
         else:
@@ -237,7 +261,11 @@ class T2Diff(SequentialRecommender):
             # every epoch: it was learnt by heart, short-history valid NDCG@10 0.08 against
             # SASRec's 0.12.)
             rows, targets = dense_rows(per_position, batch.item_seq, batch.target)
-            if x_next is not None:
+            if cuts is not None:
+                valid = cuts >= 0
+                rows = torch.cat([rows, user[valid]], dim=0)
+                targets = torch.cat([targets, cut_batch.target.reshape(cuts.shape)[valid]], 0)
+            elif x_next is not None:
                 rows = torch.cat([rows, user], dim=0)
                 targets = torch.cat([targets, batch.target], dim=0)
             tower_loss = self.softmax_loss(rows, targets)
@@ -252,6 +280,38 @@ class T2Diff(SequentialRecommender):
         return keep_contract_inputs(self._tower(batch, x, x_next), batch, noise)
 
     # ------------------------------------------------------------------ diffusion
+
+    def _draw_cuts(self, batch: Batch) -> tuple[torch.Tensor, Batch]:
+        """``xhat_cuts`` random cut points per window among the positions that hold a
+        behaviour with a next one, then the window's end: (cuts [B, K + 1], -1 where a
+        window has none; the diffusion's windows ending at each cut, newest
+        ``diffusion_length`` behaviours, with the next behaviour as target [B (K + 1)])."""
+        assert batch.target is not None
+        item_seq = batch.item_seq
+        batch_size, length = item_seq.shape
+        following = dense_targets(item_seq, batch.target)
+        inner = ((item_seq > 0) & (following > 0))[:, : length - 1].float()
+        has_inner = inner.sum(1, keepdim=True) > 0
+        weights = torch.where(has_inner, inner, torch.ones_like(inner))
+        drawn = torch.multinomial(weights, self.config.xhat_cuts, replacement=True)
+        drawn = torch.where(has_inner, drawn, torch.full_like(drawn, -1))
+        end = torch.full((batch_size, 1), length - 1, dtype=drawn.dtype, device=drawn.device)
+        cuts = torch.cat([drawn, end], dim=1)
+        span = min(self.diffusion_length, length)
+        index = cuts[:, :, None] - (span - 1) + torch.arange(span, device=cuts.device)
+        inside = (index >= 0) & (cuts[:, :, None] >= 0)
+        gathered = torch.gather(
+            item_seq[:, None, :].expand(-1, cuts.shape[1], -1), 2, index.clamp(min=0)
+        )
+        windows = torch.where(inside, gathered, torch.zeros_like(gathered))
+        targets = torch.gather(following, 1, cuts.clamp(min=0))
+        targets = torch.where(cuts >= 0, targets, torch.zeros_like(targets))
+        cut_batch = Batch(
+            item_seq=windows.reshape(-1, span),
+            time_lag=torch.zeros(windows.shape[0] * windows.shape[1], span, device=cuts.device),
+            target=targets.reshape(-1),
+        )
+        return cuts, cut_batch
 
     def _diffusion_train(
         self, batch: Batch, x: torch.Tensor
@@ -378,12 +438,16 @@ class T2Diff(SequentialRecommender):
         return self._encode(batch, x, x_next)[0]
 
     def _encode(
-        self, batch: Batch, x: torch.Tensor, x_next: torch.Tensor | None
+        self,
+        batch: Batch,
+        x: torch.Tensor,
+        x_next: torch.Tensor | None,
+        cuts: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(``e_u`` [B, d], the user vector after each window position [B, L, d] in dense
-        training of the causal encoder, else None)."""
+        """(``e_u`` [B, d] ([B, K, d] with ``cuts``), the user vector after each window
+        position [B, L, d] in dense training of the causal encoder, else None)."""
         if self.config.encoder == "causal":
-            return self._causal_tower(batch, x, x_next)
+            return self._causal_tower(batch, x, x_next, cuts)
         return self._session_tower(batch, x, x_next), None
 
     def _din(
@@ -421,46 +485,98 @@ class T2Diff(SequentialRecommender):
         return h_s + self.user_ffn(torch.cat([h_l, h_s], dim=2))
 
     def _causal_tower(
-        self, batch: Batch, x: torch.Tensor, x_next: torch.Tensor | None
+        self,
+        batch: Batch,
+        x: torch.Tensor,
+        x_next: torch.Tensor | None,
+        cuts: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(``e_u`` [B, d], and in dense training the same head after every window position
         [B, L, d], else None).  Every parameter but the xhat token's position is shared by
-        all positions, so the end of the window has nothing of its own to learn by heart."""
+        all positions, so the end of the window has nothing of its own to learn by heart.
+
+        With ``cuts`` [B, K] (training with ``xhat_cuts``), ``x_next`` is [B, K, d]: one
+        xhat token per cut c, standing in for behaviour c + 1 (its position), seeing the
+        behaviours up to c and itself; no behaviour sees a token.  ``e_u`` is then the
+        tokens' outputs [B, K, d].  Without ``cuts`` there is one token after the window,
+        as served."""
         cfg = self.config
         item_mask = batch.item_seq > 0
         batch_size, length = item_mask.shape
         # Right-aligned positions: the newest behaviour always gets position max_len - 1.
         start = cfg.max_seq_len - length
         seq = x + self.causal_pos.weight[start : cfg.max_seq_len]
-        mask = item_mask
-        if x_next is not None:
-            token = x_next + self.causal_pos.weight[cfg.max_seq_len]
-            seq = torch.cat([seq, token[:, None, :]], dim=1)
-            mask = torch.cat([mask, mask.new_ones(batch_size, 1)], dim=1)
+        if cuts is None:
+            mask = item_mask
+            if x_next is not None:
+                token = x_next + self.causal_pos.weight[cfg.max_seq_len]
+                seq = torch.cat([seq, token[:, None, :]], dim=1)
+                mask = torch.cat([mask, mask.new_ones(batch_size, 1)], dim=1)
+            steps = torch.arange(seq.shape[1], device=seq.device)
+            causal = steps[None, :] <= steps[:, None]
+            allowed = causal[None, :, :] & mask[:, None, :]
+            token_sees = item_mask[:, None, :]
+        else:
+            assert x_next is not None
+            seq, mask, allowed, token_sees = self._cut_tokens(seq, item_mask, x_next, cuts)
         keep = mask[:, :, None].to(seq.dtype)
         seq = self.input_drop(seq) * keep
-        total = seq.shape[1]
-        steps = torch.arange(total, device=seq.device)
-        causal = steps[None, :] <= steps[:, None]
-        allowed = causal[None, :, :] & mask[:, None, :]
         blocked = (~allowed).to(seq.dtype)[:, None, :, :] * NEG_INF
         for block in self.causal_blocks:
             seq = block(seq, blocked) * keep
         hidden = self.causal_norm(seq)
-        # The newest output (the xhat token's, or the newest behaviour's) over the window.
-        h_s = hidden[:, total - 1 : total]
-        h_l = self._target_attention(h_s, x, item_mask[:, None, :], batch.time_lag[:, None, :])
-        user = self._user_head(h_s, h_l)[:, 0]
+        if cuts is None:
+            # The newest output (the xhat token's, or the newest behaviour's) over the
+            # window, its lags measured from the target's time.
+            total = seq.shape[1]
+            h_s = hidden[:, total - 1 : total]
+            h_l = self._target_attention(h_s, x, token_sees, batch.time_lag[:, None, :])
+            user = self._user_head(h_s, h_l)[:, 0]
+        else:
+            h_s = hidden[:, length:]
+            cut_lag = torch.gather(self._next_lag(batch.time_lag), 1, cuts.clamp(min=0))
+            lags = batch.time_lag[:, None, :] - cut_lag[:, :, None]
+            user = self._user_head(h_s, self._target_attention(h_s, x, token_sees, lags))
         if not (self.training and self.dense_loss):
             return user, None
         # Position t predicts behaviour t + 1: its lags are measured from that behaviour's
         # time (time_lag is measured from the window's target, which follows position L-1).
-        next_lag = torch.cat([batch.time_lag[:, 1:], batch.time_lag.new_zeros(batch_size, 1)], 1)
-        lags = batch.time_lag[:, None, :] - next_lag[:, :, None]
+        lags = batch.time_lag[:, None, :] - self._next_lag(batch.time_lag)[:, :, None]
         seen = allowed[:, :length, :length] & item_mask[:, None, :]
         h_t = hidden[:, :length]
         dense = self._user_head(h_t, self._target_attention(h_t, x, seen, lags))
         return user, dense
+
+    def _cut_tokens(
+        self, seq: torch.Tensor, item_mask: torch.Tensor, x_next: torch.Tensor, cuts: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The window ``seq`` [B, L, d] followed by one xhat token per cut (``x_next``
+        [B, K, d], ``cuts`` [B, K], -1 = none): (sequence [B, L+K, d], its mask, who may
+        attend to whom [B, L+K, L+K], what each token's target attention sees [B, K, L])."""
+        batch_size, length = item_mask.shape
+        start = self.config.max_seq_len - length
+        steps = torch.arange(length, device=seq.device)
+        tokens = x_next + self.causal_pos.weight[start + cuts.clamp(min=0) + 1]
+        token_mask = cuts >= 0
+        token_sees = (steps[None, None, :] <= cuts[:, :, None]) & item_mask[:, None, :]
+        n_tokens = cuts.shape[1]
+        own = torch.eye(n_tokens, dtype=torch.bool, device=seq.device)[None] & token_mask[:, None]
+        items_see = (steps[None, :] <= steps[:, None])[None] & item_mask[:, None, :]
+        allowed = torch.cat(
+            [
+                torch.cat([items_see, own.new_zeros(batch_size, length, n_tokens)], dim=2),
+                torch.cat([token_sees, own], dim=2),
+            ],
+            dim=1,
+        )
+        mask = torch.cat([item_mask, token_mask], dim=1)
+        return torch.cat([seq, tokens], dim=1), mask, allowed, token_sees
+
+    @staticmethod
+    def _next_lag(time_lag: torch.Tensor) -> torch.Tensor:
+        """[B, L]: the time lag of the behaviour after each position (0 after the newest:
+        the window's target, from which lags are measured)."""
+        return torch.cat([time_lag[:, 1:], time_lag.new_zeros(time_lag.shape[0], 1)], 1)
 
     def _session_tower(
         self, batch: Batch, x: torch.Tensor, x_next: torch.Tensor | None

@@ -288,3 +288,61 @@ def test_parallel_train_resume_keeps_a_run_that_stopped_early(tmp_path: Path) ->
     assert summary["name"].tolist() == ["sasrec_s0"], done.stdout
     assert bool(summary["stopped_early"].iloc[0]) and summary["epochs_run"].iloc[0] == 9
     assert "kept as it is" in (tmp_path / "rounds" / "sasrec_s0.log").read_text()
+
+
+CUTS = {**CAUSAL, "tower_xhat": "one_step", "xhat_cuts": 3}
+
+
+def test_xhat_cut_tokens_read_only_behaviours_up_to_their_cut() -> None:
+    model = perturbed_t2diff(CUTS, dropout=0.0).train()
+    batch = tiny_batch()
+    x = model.item_emb(batch.item_seq)
+    length = batch.item_seq.shape[1]
+    cuts = torch.tensor([[4, 8, length - 1]]).expand(len(batch.target), -1)
+    x_next = torch.randn(len(batch.target), 3, model.config.dim)
+    changed = batch.item_seq.clone()
+    changed[:, 9:] = (changed[:, 9:] % N_ITEMS) + 1  # new items after the second cut
+    with torch.no_grad():
+        tokens, dense = model._encode(batch, x, x_next, cuts)
+        tokens_changed, _ = model._encode(
+            Batch(changed, batch.time_lag), model.item_emb(changed), x_next, cuts
+        )
+        # the window-end token is what serving computes for the same xhat
+        model.eval()
+        served, _ = model._encode(batch, x, x_next[:, 2], None)
+        model.train()
+    assert dense is not None and tokens.shape == (len(batch.target), 3, model.config.dim)
+    assert torch.equal(tokens[:, :2], tokens_changed[:, :2])
+    assert not torch.equal(tokens[:, 2], tokens_changed[:, 2])
+    assert_f32_close(tokens[:, 2], served, RTOL_REFORMULATION)
+
+
+def test_xhat_cuts_train_the_unet_and_the_tower_and_serve_as_before() -> None:
+    model = perturbed_t2diff(CUTS).train()
+    batch = tiny_batch()
+    cuts, cut_batch = model._draw_cuts(batch)
+    assert cuts.shape == (len(batch.target), 4)
+    assert (cuts[:, 3] == batch.item_seq.shape[1] - 1).all()
+    following = dense_targets(batch.item_seq, batch.target)
+    windows = cut_batch.item_seq.view(*cuts.shape, -1)
+    targets = cut_batch.target.view(cuts.shape)
+    for row in range(len(cuts)):
+        for cut, window, target in zip(cuts[row], windows[row], targets[row], strict=True):
+            if cut < 0:
+                assert int(target) == 0 and not window.any()
+                continue
+            assert int(target) == int(following[row, cut]) > 0
+            assert int(window[-1]) == int(batch.item_seq[row, cut])  # 0: an empty window
+    loss, parts = model.loss(batch)
+    loss.backward()
+    assert torch.isfinite(loss) and float(parts["diffusion"]) > 0
+    assert model.unet.out.weight.grad is not None  # L_KL reaches the U-Net
+    assert model.causal_pos.weight.grad is not None
+    with pytest.raises(ValueError, match="xhat_cuts"):
+        build_model("t2diff_causal", N_ITEMS, make_config("t2diff_causal", {"xhat_cuts": -1}))
+    with pytest.raises(ValueError, match="xhat_cuts"):
+        build_model(
+            "mixed_attention_causal",
+            N_ITEMS,
+            make_config("mixed_attention_causal", {"xhat_cuts": 2}),
+        )
