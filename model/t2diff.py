@@ -274,9 +274,17 @@ class T2Diff(SequentialRecommender):
         )
         return total, {"tower": tower_loss.detach(), "diffusion": diffusion_loss.detach(), **parts}
 
+    # What the diffusion contributes (issue 16), for evaluation only: "only" serves xhat
+    # itself as the query, "zero" feeds the tower a zero xhat; "none" is the model.
+    xhat_probe: str = "none"
+
     def user_embedding(self, batch: Batch, noise: torch.Tensor | None = None) -> torch.Tensor:
         x = self.item_emb(batch.item_seq)
         x_next = self.reconstruct(x, noise) if self.config.use_diffusion else None
+        if x_next is not None and self.xhat_probe == "only":
+            return keep_contract_inputs(x_next, batch, noise)
+        if x_next is not None and self.xhat_probe == "zero":
+            x_next = torch.zeros_like(x_next)
         return keep_contract_inputs(self._tower(batch, x, x_next), batch, noise)
 
     # ------------------------------------------------------------------ diffusion

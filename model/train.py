@@ -338,19 +338,36 @@ def load_run(run_dir: Path, device: str = "cpu") -> LoadedRun:
     return LoadedRun(model=model, meta=meta, data=data, split=split, popularity=popularity)
 
 
-def evaluate_run(run_dir: Path, device: str = "auto", seeds: int = 1) -> dict[str, Any]:
-    """Validation and test metrics of a run, beside the popularity baseline; writes metrics.json."""
+def evaluate_run(
+    run_dir: Path, device: str = "auto", seeds: int = 1, xhat_probe: str = "none"
+) -> dict[str, Any]:
+    """Validation and test metrics of a run, beside the popularity baseline; writes
+    metrics.json, or with ``xhat_probe`` ("only": xhat itself as the query, "zero": the
+    tower fed a zero xhat; diffusion models only) metrics-xhat-PROBE.json."""
+    if xhat_probe not in ("none", "only", "zero"):
+        raise ValueError(f"xhat_probe is 'none', 'only' or 'zero', not {xhat_probe!r}")
     dev = pick_device(device)
     run = load_run(run_dir, str(dev))
+    if xhat_probe != "none":
+        if not getattr(run.model, "config", None) or not getattr(
+            run.model.config, "use_diffusion", False
+        ):
+            raise ValueError(f"{run.meta['model_name']} has no diffusion to probe")
+        run.model.xhat_probe = xhat_probe  # type: ignore[assignment]
     max_len = int(run.meta["model_config"]["max_seq_len"])
     exclude = bool(run.meta["train_config"].get("exclude_seen", True))
     sequences = DeviceSequences.from_data(run.data, dev)
     popularity = build_model("popularity", run.data.n_items, {}, run.popularity).to(dev)
-    result: dict[str, Any] = {"model_name": run.meta["model_name"], "exclude_seen": exclude}
+    result: dict[str, Any] = {
+        "model_name": run.meta["model_name"],
+        "exclude_seen": exclude,
+        "xhat_probe": xhat_probe,
+    }
     for name, model in ((run.meta["model_name"], run.model), ("popularity", popularity)):
         result[name] = {
             "valid": evaluate(model, sequences, run.split.valid_targets, max_len, exclude),
             "test": evaluate(model, sequences, run.split.test_targets, max_len, exclude),
         }
-    _write_json(Path(run_dir) / "metrics.json", result)
+    out = "metrics.json" if xhat_probe == "none" else f"metrics-xhat-{xhat_probe}.json"
+    _write_json(Path(run_dir) / out, result)
     return result

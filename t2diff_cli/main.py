@@ -134,13 +134,23 @@ def models() -> None:
 def evaluate(
     run: Annotated[Path, typer.Option(help="run directory")],
     device: str = "auto",
+    xhat_probe: Annotated[
+        str,
+        typer.Option(
+            help="none | only (xhat itself as the query) | zero (the tower fed a zero xhat);"
+            " diffusion models, writes metrics-xhat-PROBE.json"
+        ),
+    ] = "none",
 ) -> None:
     """Full-ranking Recall/HR, MRR, NDCG on validation and test; writes metrics.json."""
     from model.train import evaluate_run
 
     if not (run / "model.pt").is_file():
         _fail(f"{run}: no trained model (model.pt)")
-    result = evaluate_run(run, device)
+    try:
+        result = evaluate_run(run, device, xhat_probe=xhat_probe)
+    except ValueError as error:
+        _fail(str(error))
     name = result["model_name"]
     for model_name in (name, "popularity"):
         test = result[model_name]["test"]
@@ -148,7 +158,8 @@ def evaluate(
             f"{model_name:>12} test  recall@20 {test['recall@20']:.4f}  mrr@20 "
             f"{test['mrr@20']:.4f}  ndcg@10 {test['ndcg@10']:.4f}  hr@50 {test['hr@50']:.4f}"
         )
-    typer.echo(f"wrote {run / 'metrics.json'}")
+    written = "metrics.json" if xhat_probe == "none" else f"metrics-xhat-{xhat_probe}.json"
+    typer.echo(f"wrote {run / written}")
 
 
 @app.command()

@@ -346,3 +346,46 @@ def test_xhat_cuts_train_the_unet_and_the_tower_and_serve_as_before() -> None:
             N_ITEMS,
             make_config("mixed_attention_causal", {"xhat_cuts": 2}),
         )
+
+
+def test_xhat_probes_serve_xhat_alone_or_a_zero_xhat(tmp_path: Path) -> None:
+    from model.data import write_synthetic
+    from model.train import DataSource, TrainConfig, evaluate_run, train_run
+
+    path = write_synthetic(tmp_path / "data", n_users=60, n_items=40, n_clusters=3)
+    run_dir = tmp_path / "run"
+    small = {k: v for k, v in CUTS.items() if k not in ("encoder", "dense_loss", "tower_xhat")}
+    train_run(
+        DataSource(str(path)),
+        run_dir,
+        "t2diff_causal",
+        small,
+        TrainConfig(epochs=1, progress=False, device="cpu"),
+    )
+    plain = evaluate_run(run_dir, device="cpu")
+    only = evaluate_run(run_dir, device="cpu", xhat_probe="only")
+    zero = evaluate_run(run_dir, device="cpu", xhat_probe="zero")
+    assert (run_dir / "metrics-xhat-only.json").is_file()
+    assert (run_dir / "metrics-xhat-zero.json").is_file()
+    assert only["xhat_probe"] == "only" and plain["xhat_probe"] == "none"
+    test = [m["t2diff_causal"]["test"]["ndcg@50"] for m in (plain, only, zero)]
+    assert len(set(test)) == 3  # three different queries rank differently
+
+    model = perturbed_t2diff(CUTS)
+    item_seq, time_lag, noise = tower_inputs(model, 3)
+    batch = Batch(item_seq, time_lag)
+    with torch.no_grad():
+        model.xhat_probe = "only"
+        assert torch.equal(
+            model.user_embedding(batch, noise), model.reconstruct(model.item_emb(item_seq), noise)
+        )
+    with pytest.raises(ValueError, match="no diffusion"):
+        baseline = tmp_path / "sasrec"
+        train_run(
+            DataSource(str(path)),
+            baseline,
+            "sasrec",
+            {"dim": 16},
+            TrainConfig(epochs=1, progress=False, device="cpu"),
+        )
+        evaluate_run(baseline, device="cpu", xhat_probe="only")
