@@ -41,3 +41,14 @@ python3 bench/parallel_train.py --data "$D" --out "$ROUND/ml1m" --resume \
   mac_b4=mixed_attention_causal:0 mac_d3=mixed_attention_causal:0 \
   mac_d1=mixed_attention_causal:0 t2c1_b4=t2diff_causal:0 t2c1_d3=t2diff_causal:0 \
   t2c1_cuts16=t2diff_causal:0 t2c1_cuts16_f5=t2diff_causal:0
+# What the diffusion contributes, for every diffusion run that has stopped early: xhat
+# alone as the query, and the tower fed a zero xhat (metrics-xhat-{only,zero}.json).
+for run in "$ROUND"/ml1m/t2*/; do
+  if grep -q '"stopped_early": true' "$run/run.json" 2>/dev/null; then
+    for probe in only zero; do
+      [ -e "$run/metrics-xhat-$probe.json" ] || \
+        python3 -m t2diff_cli.main evaluate --run "$run" --xhat-probe "$probe" >/dev/null &
+    done
+  fi
+done
+wait
