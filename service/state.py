@@ -20,7 +20,6 @@ import logging
 import os
 import time
 import weakref
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,13 +27,14 @@ from typing import Any
 
 import anyio
 import anyio.to_thread
-from redis.exceptions import RedisError
 
 from contracts.manifest import ArtifactError, read_manifest
 from service.batcher import MicroBatcher
 from service.core import RecallEngine
+from service.failures import REDIS_ERRORS, RedisBreaker, reason_of
 from service.memory import release_free_memory
 from service.observability import Metrics
+from service.recall_flow import RecallFlow
 from service.remote_tower import TowerBackend
 from service.sessions import SessionStore
 from service.settings import Settings
@@ -49,8 +49,6 @@ from service.xhat_warm import (
 
 log = logging.getLogger(__name__)
 
-# What a failing Redis call can raise: redis-py wraps most socket errors, but not all.
-REDIS_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
 # How long /readyz waits for a startup warm about to end before answering "warming": less
 # than a readiness probe's timeout (deploy/k8s: 2 s), and enough for a warm that finds few
 # users to end first (tests, a fresh deployment).
@@ -65,47 +63,6 @@ RELEASE_FOLLOW_UP_S = 300.0
 # readiness probe's 2 s timeout even when Redis is a black hole (a probe that times out
 # would take the pod out of the Service, which is what Redis must never do).
 REDIS_PING_WAIT_S = 0.5
-
-
-def reason_of(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
-
-
-class RedisBreaker:
-    """Consecutive-failure circuit breaker: after ``failures`` failed calls in a row, calls
-    are refused for ``open_s`` seconds (requests answer degraded at once instead of each
-    waiting on a dead Redis); then calls are let through again, and the first success
-    closes it."""
-
-    def __init__(
-        self, failures: int, open_s: float, on_outcome: Callable[[bool], None] | None = None
-    ) -> None:
-        self.failures = failures
-        self.open_s = open_s
-        self._consecutive = 0
-        self._open_until = 0.0
-        # Told each call's outcome (True: success): the Redis health gauge.
-        self._on_outcome = on_outcome
-
-    def allow(self) -> bool:
-        return time.monotonic() >= self._open_until
-
-    @property
-    def is_open(self) -> bool:
-        return not self.allow()
-
-    def success(self) -> None:
-        self._consecutive = 0
-        self._open_until = 0.0
-        if self._on_outcome is not None:
-            self._on_outcome(True)
-
-    def failure(self) -> None:
-        self._consecutive += 1
-        if self._consecutive >= self.failures:
-            self._open_until = time.monotonic() + self.open_s
-        if self._on_outcome is not None:
-            self._on_outcome(False)
 
 
 @dataclass(frozen=True)
@@ -136,6 +93,8 @@ class ServiceState:
         self.store: SessionStore | None = None
         self.errors: dict[str, str] = {}
         self.batcher: MicroBatcher | None = None
+        # What /recall runs: set once the session store and the batcher exist.
+        self.recall_flow: RecallFlow | None = None
         self.breaker = RedisBreaker(
             settings.redis_breaker_failures,
             settings.redis_breaker_open_ms / 1000,
@@ -187,6 +146,15 @@ class ServiceState:
             self.metrics,
         )
         self.batcher.start()
+        if self.store is not None:
+            self.recall_flow = RecallFlow(
+                self.store,
+                self.batcher,
+                self.breaker,
+                self.metrics,
+                session_max_len=settings.session_max_len,
+                default_budget_ms=settings.budget_ms,
+            )
         self.metrics.xhat_cache_entries.set_function(self._xhat_entries)
         if self.store is not None:
             if self.engine is not None:

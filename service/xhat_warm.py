@@ -38,7 +38,7 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from redis.exceptions import RedisError
+from service.failures import REDIS_ERRORS
 
 if TYPE_CHECKING:
     from service.core import RecallEngine
@@ -46,9 +46,6 @@ if TYPE_CHECKING:
     from service.sessions import SessionStore
 
 log = logging.getLogger(__name__)
-
-# What a Redis call of the warm or the recompute can raise.
-_REDIS_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
 
 
 def lower_thread_priority(nice: int) -> None:
@@ -156,7 +153,7 @@ async def warm_xhat(
         await collect(0)
         if time.monotonic() >= deadline and progress.outcome == "complete":
             progress.outcome = "time_bound"  # the last batches may have stopped early
-    except _REDIS_ERRORS as exc:
+    except REDIS_ERRORS as exc:
         progress.outcome, progress.error = "failed", f"redis: {type(exc).__name__}: {exc}"
     except Exception as exc:  # a tower failure must not stop serving
         progress.outcome, progress.error = "failed", f"{type(exc).__name__}: {exc}"
@@ -279,7 +276,7 @@ class XhatRecomputer:
             sessions = await asyncio.wait_for(
                 self._store.get_sessions(users, self.session_max_len), self.redis_timeout_s
             )
-        except _REDIS_ERRORS as exc:
+        except REDIS_ERRORS as exc:
             self._metrics.xhat_recompute.labels("failed").inc(len(users))
             log.warning("xhat recompute: session read failed: %s: %s", type(exc).__name__, exc)
             return
