@@ -62,7 +62,7 @@ def export_entry(path: Path, rng: np.random.Generator) -> Timed:
         stamps = np.sort(rng.uniform(0, 1e6, (batch, runner.max_seq_len)), axis=1).tolist()
         return lambda: runner.embed_tokens(tokens, stamps, 1e6)
 
-    return Timed(path.name, runner.model_name, runner.manifest.get("diffusion_steps"), prepare)
+    return Timed(path.name, runner.model_name, runner.manifest.raw.get("diffusion_steps"), prepare)
 
 
 def eager_entry(path: Path, rng: np.random.Generator) -> Timed:

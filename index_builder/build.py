@@ -34,19 +34,17 @@ from faiss.contrib.ivf_tools import add_preassigned
 
 from contracts.manifest import (
     INDEX_FILE,
+    INDEX_KIND,
     ITEM_EMBEDDINGS_FILE,
     ITEM_IDS_FILE,
     ArtifactError,
-    read_manifest,
+    TowerExportManifest,
     write_manifest,
 )
 
 #: Optional file of real user embeddings (float32 ``[Q, d]``) in an artifacts directory;
 #: when present, recall is measured on them instead of on sampled queries.
 QUERY_EMBEDDINGS_FILE = "query_embeddings.npy"
-#: ``kind`` of the manifest of a user-tower export / of an index build.
-ARTIFACTS_KIND = "user_tower"
-INDEX_KIND = "ann_index"
 METRIC_NAME = "inner_product"
 
 #: Minimum training points per inverted list: below ~39 FAISS's k-means warns and the
@@ -627,7 +625,7 @@ def _check_matrix(array: np.ndarray, path: Path, dim: int | None) -> None:
 
 def load_artifacts(
     artifacts_dir: Path,
-) -> tuple[dict[str, Any], np.ndarray, list[str], np.ndarray | None]:
+) -> tuple[TowerExportManifest, np.ndarray, list[str], np.ndarray | None]:
     """Read and verify a user-tower export: (manifest, embeddings, item_ids, user queries).
 
     Raises :class:`ArtifactError` on a missing/corrupt file (checksums from the manifest), a
@@ -636,22 +634,10 @@ def load_artifacts(
     built from such an export would silently serve wrong items.
     """
     artifacts_dir = Path(artifacts_dir)
-    manifest = read_manifest(artifacts_dir, verify=True)
-    if manifest.get("kind") != ARTIFACTS_KIND:
-        raise ArtifactError(
-            f"{artifacts_dir}: manifest kind {manifest.get('kind')!r}, expected {ARTIFACTS_KIND!r}"
-        )
-    for field in ("model_name", "model_version", "embedding_dim", "num_items"):
-        if field not in manifest:
-            raise ArtifactError(f"{artifacts_dir}: manifest has no {field!r}")
-    for name in (ITEM_EMBEDDINGS_FILE, ITEM_IDS_FILE):
-        if name not in manifest["files"]:
-            raise ArtifactError(f"{artifacts_dir}: {name} is not listed in the manifest")
-    try:
-        dim = int(manifest["embedding_dim"])
-        num_items = int(manifest["num_items"])
-    except (TypeError, ValueError) as exc:
-        raise ArtifactError(f"{artifacts_dir}: bad embedding_dim/num_items ({exc})") from exc
+    # Kind, model version, dimension, item count and the listed item table: the typed
+    # manifest refuses an export without them.
+    manifest = TowerExportManifest.load(artifacts_dir, verify=True)
+    dim, num_items = manifest.embedding_dim, manifest.num_items
 
     emb_path = artifacts_dir / ITEM_EMBEDDINGS_FILE
     embeddings = _load_npy(emb_path, "item embeddings")
@@ -795,9 +781,9 @@ def build_from_artifacts(
             "shortlist_min_k": SHORTLIST_MIN_K,
             "num_items": int(n_items),
             "embedding_dim": int(dim),
-            "model_name": manifest_in["model_name"],
-            "model_version": manifest_in["model_version"],
-            "artifacts_version": manifest_in["model_version"],
+            "model_name": manifest_in.model_name,
+            "model_version": manifest_in.model_version,
+            "artifacts_version": manifest_in.model_version,
             "artifacts_dir": str(artifacts_dir),
             "recall_at_10": round(recall10, 6),
             "recall_at_100": round(recall100, 6),

@@ -13,14 +13,13 @@ import json
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import faiss
 import numpy as np
 
-from contracts.manifest import INDEX_FILE, ITEM_IDS_FILE, ArtifactError, read_manifest
+from contracts.manifest import INDEX_FILE, ITEM_IDS_FILE, ArtifactError, IndexManifest
 from index_builder.build import (
-    INDEX_KIND,
     METRIC_NAME,
     SHORTLIST_MIN_K,
     make_search_params,
@@ -77,7 +76,7 @@ class LoadedIndex:
 
     index: faiss.Index
     item_ids: np.ndarray
-    manifest: dict[str, Any]
+    manifest: IndexManifest
     version: str
     nprobe: int
     k_factor: float
@@ -228,24 +227,11 @@ def load_index(index_dir: Path) -> LoadedIndex:
     current one.
     """
     index_dir = Path(index_dir)
-    manifest = read_manifest(index_dir, verify=True)
-    if manifest.get("kind") != INDEX_KIND:
-        raise ArtifactError(
-            f"{index_dir}: manifest kind {manifest.get('kind')!r}, not {INDEX_KIND!r}"
-        )
-    if manifest.get("metric") != METRIC_NAME:
-        raise ArtifactError(f"{index_dir}: metric {manifest.get('metric')!r}, not {METRIC_NAME!r}")
-    for name in (INDEX_FILE, ITEM_IDS_FILE):
-        if name not in manifest["files"]:
-            raise ArtifactError(f"{index_dir}: {name} is not listed in the manifest")
-    try:
-        num_items = int(manifest["num_items"])
-        dim = int(manifest["embedding_dim"])
-        nprobe = int(manifest["nprobe"])
-        k_factor = float(manifest["k_factor"])
-        shortlist_min_k = int(manifest.get("shortlist_min_k", SHORTLIST_MIN_K))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ArtifactError(f"{index_dir}: manifest lacks a valid field ({exc!r})") from exc
+    # Kind, listed files and typed fields: the typed manifest refuses anything else.
+    manifest = IndexManifest.load(index_dir, verify=True)
+    if manifest.metric != METRIC_NAME:
+        raise ArtifactError(f"{index_dir}: metric {manifest.metric!r}, not {METRIC_NAME!r}")
+    num_items, dim = manifest.num_items, manifest.embedding_dim
 
     try:
         index = faiss.read_index(str(index_dir / INDEX_FILE))
@@ -273,8 +259,11 @@ def load_index(index_dir: Path) -> LoadedIndex:
         index=index,
         item_ids=np.asarray(item_ids, dtype=object),
         manifest=manifest,
-        version=str(manifest.get("index_version") or index_dir.name),
-        nprobe=nprobe,
-        k_factor=k_factor,
-        shortlist_min_k=shortlist_min_k,
+        version=manifest.index_version,
+        nprobe=manifest.nprobe,
+        k_factor=manifest.k_factor,
+        # Indexes built before the field existed: the default they were tuned with.
+        shortlist_min_k=(
+            SHORTLIST_MIN_K if manifest.shortlist_min_k is None else manifest.shortlist_min_k
+        ),
     )

@@ -29,7 +29,6 @@ Checks, each named in the report:
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,9 +38,10 @@ from typing import Any
 import numpy as np
 
 from contracts.manifest import (
-    ITEM_IDS_FILE,
     USER_TOWER_FILE,
     ArtifactError,
+    IndexManifest,
+    pair_mismatches,
     read_manifest,
 )
 from index_builder.build import exact_topk, load_artifacts, sample_queries
@@ -139,15 +139,15 @@ def validate_release(
     started = time.perf_counter()
 
     try:
-        a_manifest = read_manifest(artifacts_dir, verify=True)
-        i_manifest = read_manifest(index_dir, verify=True)
+        read_manifest(artifacts_dir, verify=True)
+        read_manifest(index_dir, verify=True)
         report.passed("checksums")
     except ArtifactError as exc:
         report.failed("checksums", str(exc))
         return report
 
     try:
-        _, embeddings, item_ids, user_queries = load_artifacts(artifacts_dir)
+        export, embeddings, item_ids, user_queries = load_artifacts(artifacts_dir)
         report.passed("artifacts")
     except ArtifactError as exc:
         report.failed("artifacts", str(exc))
@@ -160,32 +160,24 @@ def validate_release(
         report.failed("index", str(exc))
         return report
 
-    problems = []
-    if i_manifest.get("model_version") != a_manifest.get("model_version"):
-        problems.append(
-            f"index model_version {i_manifest.get('model_version')!r} != artifacts "
-            f"{a_manifest.get('model_version')!r}"
-        )
-    dim = int(embeddings.shape[1])
-    if int(i_manifest.get("embedding_dim", -1)) != dim or loaded.dim != dim:
-        problems.append(
-            f"index embedding_dim {i_manifest.get('embedding_dim')} (d={loaded.dim}) != "
-            f"artifacts {dim}"
-        )
-    if loaded.ntotal != len(embeddings):
-        problems.append(f"index holds {loaded.ntotal} vectors, artifacts {len(embeddings)} items")
-    index_ids = json.loads((index_dir / ITEM_IDS_FILE).read_text(encoding="utf-8"))
-    if index_ids != item_ids:
-        problems.append("index item_ids.json differs from the artifacts' item ids")
-    if problems:
+    # The one pair check the service's loader and hot swap also run (load_artifacts has
+    # already matched the export's files to its manifest).
+    mismatches = pair_mismatches(
+        export,
+        loaded.manifest,
+        export_item_ids=item_ids,
+        index_item_ids=[str(i) for i in loaded.item_ids],
+        index_dim=loaded.dim,
+        index_vectors=loaded.ntotal,
+    )
+    if mismatches:
         # Searching a pair that disagrees is meaningless (or fails): stop here.
-        report.failed("consistency", "; ".join(problems))
+        report.failed("consistency", "; ".join(m.reason for m in mismatches))
         return report
-    else:
-        report.passed("consistency")
+    report.passed("consistency")
 
     tower = artifacts_dir / USER_TOWER_FILE
-    if USER_TOWER_FILE not in a_manifest["files"]:
+    if not export.lists(USER_TOWER_FILE):
         if require_tower:
             report.failed("tower_dim", f"{USER_TOWER_FILE} is not in the artifacts")
         else:
@@ -212,9 +204,8 @@ def validate_release(
         report.passed("item_count", "skipped: no previous version")
     else:
         try:
-            previous = read_manifest(Path(previous_index_dir), verify=False)
-            previous_n = int(previous["num_items"])
-        except (ArtifactError, KeyError, TypeError, ValueError) as exc:
+            previous_n = IndexManifest.load(Path(previous_index_dir), verify=False).num_items
+        except ArtifactError as exc:
             report.passed("item_count", f"skipped: previous manifest unreadable ({exc})")
         else:
             ratio = n_items / max(previous_n, 1)

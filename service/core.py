@@ -9,9 +9,9 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from contracts.manifest import ArtifactError
+from contracts.manifest import check_pair
 from contracts.sessions import Session
 
 if TYPE_CHECKING:
@@ -51,24 +51,18 @@ class RecallEngine:
         self.tower = tower
         self.index = index
         self.nprobe = nprobe
-        manifest: dict[str, Any] = index.manifest
-        # An index of another model version scores user vectors against item vectors of a
-        # different embedding space: results would look plausible and be garbage, so refuse.
-        index_model = str(manifest.get("model_version"))
-        if index_model != tower.model_version:
-            raise ArtifactError(
-                f"index {index.version} was built from model {index_model}, "
-                f"the user tower is model {tower.model_version}"
-            )
-        if manifest.get("embedding_dim") != tower.embedding_dim:
-            raise ArtifactError(
-                f"index embedding_dim {manifest.get('embedding_dim')} != "
-                f"tower embedding_dim {tower.embedding_dim}"
-            )
-        if list(index.item_ids) != tower.item_ids:
-            raise ArtifactError("index item ids differ from the export's item_ids.json")
+        # The pair check release validation also runs: an index of another model version
+        # or dimension would answer plausible garbage, so refuse (ArtifactError).
+        check_pair(
+            tower.manifest,
+            index.manifest,
+            export_item_ids=tower.item_ids,
+            index_item_ids=[str(i) for i in index.item_ids],
+            index_dim=index.dim,
+            index_vectors=index.ntotal,
+        )
         self.model_version = tower.model_version
-        self.index_version = str(manifest.get("index_version", index.version))
+        self.index_version = index.version
         self._item_ids = tower.item_ids
 
     def recall_batch(

@@ -28,7 +28,13 @@ from typing import Any
 import anyio
 import anyio.to_thread
 
-from contracts.manifest import ArtifactError, read_manifest
+from contracts.manifest import (
+    ArtifactError,
+    IndexManifest,
+    Mismatch,
+    TowerExportManifest,
+    pair_mismatches,
+)
 from service.batcher import MicroBatcher
 from service.core import RecallEngine
 from service.failures import REDIS_ERRORS, RedisBreaker, reason_of
@@ -308,17 +314,17 @@ class ServiceState:
             if not force and paths in (self.loaded_paths, self._last_attempt):
                 return {"status": "unchanged"}
             try:
-                model_a, model_i = await anyio.to_thread.run_sync(_manifest_models, *paths)
+                mismatches = await anyio.to_thread.run_sync(_manifest_mismatches, *paths)
             except ArtifactError as exc:
                 return self._failed(trigger, paths, {"manifest": reason_of(exc)})
-            if model_a != model_i:
+            # Only the model versions decide here: differing ones are a promotion half done
+            # (wait for the second link).  Any other mismatch fails the load below, with
+            # whatever else is wrong with the files.
+            versions = [m for m in mismatches if m.field == "model_version"]
+            if versions:
                 if force:
-                    return self._failed(
-                        trigger,
-                        paths,
-                        {"engine": f"artifacts model {model_a} != index model {model_i}"},
-                    )
-                log.info("promotion in progress (artifacts %s, index %s)", model_a, model_i)
+                    return self._failed(trigger, paths, {"engine": versions[0].reason})
+                log.info("promotion in progress: %s", versions[0].reason)
                 return {"status": "waiting"}
             self._last_attempt = paths
             started = time.perf_counter()
@@ -487,11 +493,11 @@ def settle_heap(freeze: bool = True) -> None:
         gc.freeze()
 
 
-def _manifest_models(artifacts: str, index_dir: str) -> tuple[str, str]:
-    # verify=False: only the version fields are compared here; the load verifies files.
-    art = read_manifest(Path(artifacts), verify=False)
-    idx = read_manifest(Path(index_dir), verify=False)
-    return str(art.get("model_version")), str(idx.get("model_version"))
+def _manifest_mismatches(artifacts: str, index_dir: str) -> list[Mismatch]:
+    # verify=False: only the manifests are compared here; the load verifies the files.
+    export = TowerExportManifest.load(Path(artifacts), verify=False)
+    index = IndexManifest.load(Path(index_dir), verify=False)
+    return pair_mismatches(export, index)
 
 
 def _log_load_failure(exc: BaseException, message: str, path: object) -> None:

@@ -23,7 +23,6 @@ import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -36,8 +35,8 @@ from contracts.manifest import (
     TOWER_PARTS_FIELD,
     USER_TOWER_FILE,
     ArtifactError,
+    TowerExportManifest,
     member_path,
-    read_manifest,
 )
 from contracts.sessions import Session
 from contracts.tower import (
@@ -55,8 +54,6 @@ from service.remote_tower import TowerBackend, TowerWorkerClient
 
 log = logging.getLogger(__name__)
 
-USER_TOWER_KIND = "user_tower"
-
 
 def _providers() -> list[str]:
     # CUDA first when this onnxruntime build has it (onnxruntime-gpu), CPU always last as
@@ -64,14 +61,6 @@ def _providers() -> list[str]:
     available = ort.get_available_providers()
     wanted = ["CUDAExecutionProvider", "CPUExecutionProvider"]
     return [p for p in wanted if p in available] or ["CPUExecutionProvider"]
-
-
-def _required(manifest: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
-    value = manifest.get(name)
-    # bool is an int subclass, but `true` is never a valid dimension or seed.
-    if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
-        raise ArtifactError(f"manifest field {name!r} is missing or not {kind}: {value!r}")
-    return value
 
 
 CPU_ARENA_MODES = ("off", "own", "shared")
@@ -168,27 +157,13 @@ class UserTowerRunner:
         self.artifacts_dir = Path(artifacts_dir)
         if not self.artifacts_dir.is_dir():
             raise ArtifactError(f"{self.artifacts_dir}: artifacts directory does not exist")
-        self.manifest = read_manifest(self.artifacts_dir)
-        manifest = self.manifest
-        if manifest.get("kind") != USER_TOWER_KIND:
-            raise ArtifactError(
-                f"{self.artifacts_dir}: manifest kind is {manifest.get('kind')!r}, "
-                f"expected {USER_TOWER_KIND!r}"
-            )
-        self.model_name: str = str(manifest.get("model_name", "unknown"))
-        self.model_version: str = str(_required(manifest, "model_version", (str, int)))
-        self.embedding_dim: int = _required(manifest, "embedding_dim", int)
-        self.max_seq_len: int = _required(manifest, "max_seq_len", int)
-        self.num_items: int = _required(manifest, "num_items", int)
-        noise_shape = _required(manifest, "noise_shape", list)
-        noise_seed = _required(manifest, "noise_seed", int)
-        if not all(isinstance(n, int) and n > 0 for n in noise_shape):
-            raise ArtifactError(
-                f"manifest noise_shape is not a list of positive ints: {noise_shape}"
-            )
-        for name in (USER_TOWER_FILE, ITEM_EMBEDDINGS_FILE, ITEM_IDS_FILE):
-            if name not in manifest["files"]:
-                raise ArtifactError(f"{self.artifacts_dir}: manifest does not list {name}")
+        # Checksums, kind, typed fields, the item table listed; then what the tower needs.
+        self.manifest = manifest = TowerExportManifest.load(self.artifacts_dir)
+        self.max_seq_len, noise_shape, noise_seed = manifest.require_tower()
+        self.model_name: str = manifest.model_name
+        self.model_version: str = manifest.model_version
+        self.embedding_dim: int = manifest.embedding_dim
+        self.num_items: int = manifest.num_items
 
         self.item_ids: list[str] = self._load_item_ids()
         # Raw id -> token (row + 1); the only per-request lookup, so a plain dict.
@@ -216,9 +191,9 @@ class UserTowerRunner:
         self.attention_session: ort.InferenceSession | None = None
         # the diffusion part for a lone miss (batch fixed at 1), when the export has it
         self.diffusion_one_session: ort.InferenceSession | None = None
-        if self.worker is None and manifest.get(TOWER_PARTS_FIELD) is not None:
+        if self.worker is None and manifest.tower_parts is not None:
             self.diffusion_session, self.attention_session = self._open_parts(intra_op_threads)
-            if manifest.get(TOWER_DIFFUSION_ONE_FIELD) is not None:
+            if manifest.tower_diffusion_one is not None:
                 self.diffusion_one_session = self._open_diffusion_one(intra_op_threads)
         elif self.worker is None:
             self._session = self._open_session(intra_op_threads)
@@ -281,7 +256,7 @@ class UserTowerRunner:
 
     def _load_popularity(self) -> np.ndarray:
         path = self.artifacts_dir / POPULARITY_FILE
-        if POPULARITY_FILE not in self.manifest["files"]:
+        if not self.manifest.lists(POPULARITY_FILE):
             # Optional file: without it every item is equally popular (cold starts then
             # get the first rows, which is at least deterministic).
             return np.ones(self.num_items, dtype=np.float64)
@@ -368,8 +343,8 @@ class UserTowerRunner:
     ) -> tuple[ort.InferenceSession, ort.InferenceSession]:
         """The split tower's ``diffusion`` and ``attention`` graphs, checked against the
         contract (``contracts.tower``)."""
-        parts = self.manifest[TOWER_PARTS_FIELD]
-        if not isinstance(parts, dict) or set(parts) != {PART_DIFFUSION, PART_ATTENTION}:
+        parts = self.manifest.tower_parts
+        if parts is None or set(parts) != {PART_DIFFUSION, PART_ATTENTION}:
             raise ArtifactError(
                 f"manifest {TOWER_PARTS_FIELD} must name {PART_DIFFUSION!r} and "
                 f"{PART_ATTENTION!r}: {parts!r}"
@@ -415,12 +390,12 @@ class UserTowerRunner:
 
     def _check_listed(self, file_name: object, what: str) -> None:
         """A graph the manifest names must be one of its checksummed files."""
-        if not isinstance(file_name, str) or file_name not in self.manifest["files"]:
+        if not isinstance(file_name, str) or not self.manifest.lists(file_name):
             raise ArtifactError(f"{what}: {file_name!r} is not a listed file")
 
     def _open_diffusion_one(self, intra_op_threads: int | None) -> ort.InferenceSession:
         """The one-request diffusion part: the diffusion part's contract at batch 1."""
-        file_name = self.manifest[TOWER_DIFFUSION_ONE_FIELD]
+        file_name = self.manifest.tower_diffusion_one
         self._check_listed(file_name, f"manifest {TOWER_DIFFUSION_ONE_FIELD}")
         session = self._load_graph(file_name, intra_op_threads)
         inputs = {i.name: (i.type, i.shape) for i in session.get_inputs()}
