@@ -15,7 +15,6 @@ import json
 import logging
 import math
 import re
-import time
 import uuid
 from typing import Any
 
@@ -226,7 +225,3 @@ def configure_logging(level: str, json_lines: bool = True) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-
-
-def monotonic_ms() -> float:
-    return time.monotonic() * 1000.0

@@ -256,21 +256,6 @@ class SessionStore:
             log.warning("skipped %d malformed session element(s)", malformed)
         return sessions
 
-    async def append(self, user_id: str, events: Sequence[tuple[str, float]], max_len: int) -> int:
-        """Append ``(item_id, timestamp)`` events (oldest first) and cap the list.
-
-        RPUSH and LTRIM run in one MULTI transaction so a reader never sees the list over
-        its cap.  Returns the list's length after the push (before the trim).
-        """
-        if not events:
-            return 0
-        key = self.key(user_id)
-        async with self._client.pipeline(transaction=True) as pipe:
-            pipe.rpush(key, *(encode_event(item_id, ts) for item_id, ts in events))
-            pipe.ltrim(key, -max_len, -1)
-            pushed, _ = await pipe.execute()
-        return int(pushed)
-
     async def append_events(
         self, events: Sequence[NewEvent], max_len: int, dedup_ttl_s: int
     ) -> tuple[int, int]:

@@ -14,7 +14,7 @@ from redis.exceptions import RedisError
 
 from contracts.sessions import Session, encode_event, session_key
 from model.data import to_sequences
-from service.sessions import SessionStore, load_sessions_from_sequences
+from service.sessions import NewEvent, SessionStore, load_sessions_from_sequences
 
 T = TypeVar("T")
 PREFIX = "t2test"
@@ -34,6 +34,10 @@ def with_store(redis_url: str, body: Callable[[SessionStore], Awaitable[T]], **k
     return asyncio.run(main())
 
 
+def new_events(user_id: str, events: list[tuple[str, float]]) -> list[NewEvent]:
+    return [NewEvent(user_id, item_id, timestamp) for item_id, timestamp in events]
+
+
 def raw_list(redis_url: str, user_id: str) -> list[bytes]:
     client = redis.Redis.from_url(redis_url)
     try:
@@ -46,8 +50,9 @@ def test_append_and_read_round_trip(redis_url: str) -> None:
     events = [("item-1", 1_700_000_000.25), ("sku|7", 1_700_000_001.5), ("item-1", 1_700_000_002.0)]
 
     async def body(store: SessionStore) -> list[Session]:
-        await store.append("u1", events[:2], max_len=10)
-        await store.append("u1", events[2:], max_len=10)
+        # The service's write path (POST /events), in two calls.
+        await store.append_events(new_events("u1", events[:2]), max_len=10, dedup_ttl_s=60)
+        await store.append_events(new_events("u1", events[2:]), max_len=10, dedup_ttl_s=60)
         return await store.get_sessions(["u1", "nobody", "u1"], max_len=10)
 
     u1, nobody, again = with_store(redis_url, body)
@@ -63,7 +68,7 @@ def test_cap_keeps_newest(redis_url: str) -> None:
     async def body(store: SessionStore) -> tuple[Session, Session]:
         for start in range(0, 12, 4):
             batch = [(f"item-{n}", float(n)) for n in range(start, start + 4)]
-            await store.append("u", batch, max_len=5)
+            await store.append_events(new_events("u", batch), max_len=5, dedup_ttl_s=60)
         full = (await store.get_sessions(["u"], max_len=100))[0]
         newest = (await store.get_sessions(["u"], max_len=3))[0]
         return full, newest
