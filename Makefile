@@ -7,7 +7,7 @@ PIP := $(VENV)/bin/pip
 # ONNX Runtime and torch; PASSIVE makes idle threads sleep.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: setup demo test lint lock clean
+.PHONY: setup demo test lint imports check lock clean
 
 # Dependencies come from the lock file (requirements/dev.lock: .[train,serve,dev,loadtest]
 # resolved for Linux x86-64, Python 3.11; `make lock` regenerates it), then the project
@@ -42,6 +42,14 @@ test: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+# The layering contract in pyproject.toml ([tool.importlinter]): cli -> service ->
+# index_builder | model -> contracts; the service never imports torch or model/.
+imports: setup
+	$(VENV)/bin/lint-imports
+
+# What CI runs: lint, the import contract, then the whole suite.
+check: lint imports test
 
 # Regenerate requirements/*.lock from pyproject.toml (requirements/compile.sh; needs uv).
 UV ?= uv

@@ -635,7 +635,9 @@ def test_makefile_and_ci_install_from_the_lock() -> None:
     assert "$(PIP) install -q --no-deps -e ." in makefile
     assert "-e '.[" not in makefile, "no resolve from pyproject's ranges"
     assert "requirements/compile.sh" in makefile  # `make lock`
-    assert "make test" in (ROOT / ".ci" / "run").read_text()
+    # CI runs `make check`: lint, the import contract, then `make test`.
+    assert "make check" in (ROOT / ".ci" / "run").read_text()
+    assert re.search(r"^check: lint imports test$", makefile, flags=re.MULTILINE)
     compile_script = (REQUIREMENTS / "compile.sh").read_text()
     for lock in LOCKS:
         assert f"-o requirements/{lock}" in compile_script, lock
