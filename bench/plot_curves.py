@@ -1,10 +1,12 @@
 """Validation NDCG@10 per epoch for the runs in docs/results/raw/histories/ (one line per
-run, one colour per model): ``python bench/plot_curves.py OUT.png``."""
+run, one colour per model): ``python bench/plot_curves.py OUT.png``; ``--histories DIR
+--match GLOB --title TEXT`` plot another set (e.g. issue 16's round 2)."""
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
+import re
 from pathlib import Path
 
 import matplotlib
@@ -18,12 +20,12 @@ PALETTE = plt.get_cmap("tab20")
 HISTORIES = Path(__file__).resolve().parents[1] / "docs" / "results" / "raw" / "histories"
 
 
-def main(out: str) -> None:
+def main(out: str, histories: Path, matches: list[str], title: str) -> None:
     figure, axis = plt.subplots(figsize=(8, 5))
     colours: dict[str, tuple[float, ...]] = {}
-    for path in sorted(HISTORIES.glob("*.json")):
+    for path in sorted({p for match in matches for p in histories.glob(match)}):
         run, _, name = path.stem.partition("_")
-        model = name.rsplit("_s", 1)[0]
+        model = re.sub(r"_s\d+$", "", name)  # one colour for a model's seeds
         if (run, model) in SUPERSEDED:
             continue
         history = json.loads(path.read_text())
@@ -36,7 +38,7 @@ def main(out: str) -> None:
         axis.plot(epochs, values, color=colour, label=label, lw=1.2, ls=style)
     axis.set_xlabel("epoch")
     axis.set_ylabel("validation NDCG@10 (full ranking)")
-    axis.set_title("ML-1M, leave-one-out, H100, same harness (one line per seed)")
+    axis.set_title(title)
     axis.legend(fontsize=7, ncol=2)
     axis.grid(alpha=0.3)
     figure.tight_layout()
@@ -44,4 +46,12 @@ def main(out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("out")
+    parser.add_argument("--histories", type=Path, default=HISTORIES)
+    parser.add_argument("--match", action="append", help="glob (repeatable); all runs by default")
+    parser.add_argument(
+        "--title", default="ML-1M, leave-one-out, H100, same harness (one line per seed)"
+    )
+    args = parser.parse_args()
+    main(args.out, args.histories, args.match or ["*.json"], args.title)
