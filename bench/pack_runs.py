@@ -4,7 +4,9 @@
 run without checkpoints or TensorBoard files) and ``OUT_DIR/ckpt-N.tar`` (the
 ``checkpoint.pt`` and best ``model.pt`` of each run that has not stopped early, at most
 ``--part-mb`` per tar, ``--first`` runs first; the device returns 8 files, 64 MB in all),
-so a later call can ``--resume`` the unfinished runs to early stopping.
+so a later call can ``--resume`` the unfinished runs to early stopping.  ``--model PAT``
+also packs the best ``model.pt`` of finished runs whose path has PAT (to export and serve
+them here), into ``models.tar``.
 """
 
 from __future__ import annotations
@@ -23,9 +25,13 @@ def main() -> int:
     parser.add_argument(
         "--first", action="append", default=[], help="pack runs whose path has this first"
     )
+    parser.add_argument(
+        "--model", action="append", default=[], help="bring back model.pt of runs with PAT"
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     unfinished: list[Path] = []
+    wanted: list[Path] = []
     with tarfile.open(args.out / "results.tgz", "w:gz") as tar:
         for root in args.runs:
             tar.add(
@@ -41,6 +47,13 @@ def main() -> int:
                 checkpoint = meta_path.parent / "checkpoint.pt"
                 if not meta.get("stopped_early") and checkpoint.is_file():
                     unfinished.append(checkpoint)
+                best = meta_path.parent / "model.pt"
+                if any(key in str(best) for key in args.model) and best.is_file():
+                    wanted.append(best)
+    if wanted:
+        with tarfile.open(args.out / "models.tar", "w") as models:
+            for best in wanted:
+                models.add(best)
     # The rows that matter most first, in case the return limit drops the last tars.
     unfinished.sort(key=lambda path: not any(key in str(path) for key in args.first))
     part, size, tar = 0, 0.0, None
