@@ -197,8 +197,37 @@ def _check_listed(files: Mapping[str, Any], directory: Path, names: Sequence[str
             raise ArtifactError(f"{directory}: {name} is not listed in the manifest")
 
 
+def _item_table_fields(
+    raw: Mapping[str, Any], directory: Path, kind: str, listed: Sequence[str]
+) -> tuple[Mapping[str, Any], int, int]:
+    """What every artifact's manifest holds: (the files table, checked to list ``listed``;
+    ``embedding_dim``; ``num_items``), after checking its ``kind``."""
+    _check_kind(raw, directory, kind)
+    files = raw.get("files")
+    if not isinstance(files, Mapping):
+        raise ArtifactError(f"{directory}: manifest has no 'files' table")
+    _check_listed(files, directory, listed)
+    embedding_dim = _field(raw, directory, "embedding_dim", int)
+    num_items = _field(raw, directory, "num_items", int)
+    _positive(embedding_dim, directory, "embedding_dim")
+    _positive(num_items, directory, "num_items")
+    return files, embedding_dim, num_items
+
+
+class _Loadable:
+    """``load``: :func:`read_manifest` (checksums with ``verify``) then ``from_dict``."""
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any], directory: Path) -> Self:
+        raise NotImplementedError
+
+    @classmethod
+    def load(cls, directory: Path, verify: bool = True) -> Self:
+        return cls.from_dict(read_manifest(directory, verify=verify), directory)
+
+
 @dataclass(frozen=True)
-class TowerExportManifest:
+class TowerExportManifest(_Loadable):
     """The manifest of a user-tower export (``t2diff export``, kind ``user_tower``).
 
     Required by every reader: ``model_version``, ``embedding_dim``, ``num_items``, and the
@@ -229,20 +258,11 @@ class TowerExportManifest:
     def from_dict(cls, raw: Mapping[str, Any], directory: Path) -> Self:
         """Validate ``raw`` (a manifest read by :func:`read_manifest`) as an export's."""
         directory = Path(directory)
-        _check_kind(raw, directory, TOWER_EXPORT_KIND)
-        files = raw.get("files")
-        if not isinstance(files, Mapping):
-            raise ArtifactError(f"{directory}: manifest has no 'files' table")
-        _check_listed(files, directory, (ITEM_EMBEDDINGS_FILE, ITEM_IDS_FILE))
-        embedding_dim = _field(raw, directory, "embedding_dim", int)
-        num_items = _field(raw, directory, "num_items", int)
+        files, embedding_dim, num_items = _item_table_fields(
+            raw, directory, TOWER_EXPORT_KIND, (ITEM_EMBEDDINGS_FILE, ITEM_IDS_FILE)
+        )
         max_seq_len = _field(raw, directory, "max_seq_len", int, required=False)
-        for name, value in (
-            ("embedding_dim", embedding_dim),
-            ("num_items", num_items),
-            ("max_seq_len", max_seq_len),
-        ):
-            _positive(value, directory, name)
+        _positive(max_seq_len, directory, "max_seq_len")
         noise_shape = _field(raw, directory, "noise_shape", list, required=False)
         if noise_shape is not None and not all(
             isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in noise_shape
@@ -267,11 +287,6 @@ class TowerExportManifest:
             raw=raw,
         )
 
-    @classmethod
-    def load(cls, directory: Path, verify: bool = True) -> Self:
-        """:func:`read_manifest` (checksums with ``verify``) then :meth:`from_dict`."""
-        return cls.from_dict(read_manifest(directory, verify=verify), directory)
-
     def lists(self, name: str) -> bool:
         return name in self.files
 
@@ -294,7 +309,7 @@ class TowerExportManifest:
 
 
 @dataclass(frozen=True)
-class IndexManifest:
+class IndexManifest(_Loadable):
     """The manifest of an index build (``t2diff build-index``, kind ``ann_index``)."""
 
     directory: Path
@@ -317,20 +332,11 @@ class IndexManifest:
     def from_dict(cls, raw: Mapping[str, Any], directory: Path) -> Self:
         """Validate ``raw`` (a manifest read by :func:`read_manifest`) as an index's."""
         directory = Path(directory)
-        _check_kind(raw, directory, INDEX_KIND)
-        files = raw.get("files")
-        if not isinstance(files, Mapping):
-            raise ArtifactError(f"{directory}: manifest has no 'files' table")
-        _check_listed(files, directory, (INDEX_FILE, ITEM_IDS_FILE))
-        embedding_dim = _field(raw, directory, "embedding_dim", int)
-        num_items = _field(raw, directory, "num_items", int)
+        files, embedding_dim, num_items = _item_table_fields(
+            raw, directory, INDEX_KIND, (INDEX_FILE, ITEM_IDS_FILE)
+        )
         nprobe = _field(raw, directory, "nprobe", int)
-        for name, value in (
-            ("embedding_dim", embedding_dim),
-            ("num_items", num_items),
-            ("nprobe", nprobe),
-        ):
-            _positive(value, directory, name)
+        _positive(nprobe, directory, "nprobe")
         index_version = _field(raw, directory, "index_version", (str, int), required=False)
         return cls(
             directory=directory,
@@ -346,11 +352,6 @@ class IndexManifest:
             shortlist_min_k=_field(raw, directory, "shortlist_min_k", int, required=False),
             raw=raw,
         )
-
-    @classmethod
-    def load(cls, directory: Path, verify: bool = True) -> Self:
-        """:func:`read_manifest` (checksums with ``verify``) then :meth:`from_dict`."""
-        return cls.from_dict(read_manifest(directory, verify=verify), directory)
 
 
 # --------------------------------------------------------------------------- consistency
