@@ -54,6 +54,7 @@ COPY contracts/ contracts/
 COPY model/ model/
 COPY index_builder/ index_builder/
 COPY service/ service/
+COPY release/ release/
 COPY t2diff_cli/ t2diff_cli/
 RUN --mount=type=secret,id=pip_ca pip install --no-cache-dir --no-deps . \
     && pip check \
@@ -101,6 +102,7 @@ COPY contracts/ contracts/
 COPY model/ model/
 COPY index_builder/ index_builder/
 COPY service/ service/
+COPY release/ release/
 COPY t2diff_cli/ t2diff_cli/
 # Metadata checks only: importing the CUDA builds needs a driver the build host may lack.
 RUN --mount=type=secret,id=pip_ca pip install --no-cache-dir --no-deps . \
@@ -161,6 +163,7 @@ COPY contracts/ contracts/
 COPY model/ model/
 COPY index_builder/ index_builder/
 COPY service/ service/
+COPY release/ release/
 COPY t2diff_cli/ t2diff_cli/
 # --no-deps: the worker needs numpy and torch (both here), not the serving or training
 # extras; numpy at the version the GPU serving image locks.
@@ -212,6 +215,7 @@ COPY contracts/ contracts/
 COPY model/ model/
 COPY index_builder/ index_builder/
 COPY service/ service/
+COPY release/ release/
 COPY t2diff_cli/ t2diff_cli/
 RUN --mount=type=secret,id=pip_ca pip install --no-cache-dir --no-deps . \
     && pip check \

@@ -380,7 +380,7 @@ def pair_mismatches(
     item vectors of a different embedding space: results would look plausible and be
     garbage.  The manifests are always compared; what was loaded (the id lists, the FAISS
     index's ``d`` and ``ntotal``) is compared too when given.  Callers: release validation
-    (``index_builder.validate``), the service's engine (``service.core.RecallEngine``) and
+    (``release.validate``), the service's engine (``service.core.RecallEngine``) and
     its hot swap, which waits while only the model versions differ (a promotion half done).
     """
     mismatches: list[Mismatch] = []

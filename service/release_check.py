@@ -1,7 +1,7 @@
 """Does a candidate version load and answer in the service?  The ``serving`` check of
 release validation (``t2diff rebuild | promote | release validate``).
 
-The offline checks (``index_builder.validate``) read the export's tables and the single
+The offline checks (``release.validate``) read the export's tables and the single
 graph's declared shape; the service loads more: the split tower's two parts and the
 one-request diffusion part when the manifest names them, with their contracts checked.  A
 version whose part is corrupt but consistently checksummed used to pass validation, be

@@ -9,10 +9,12 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
+from t2diff_cli.common import fail as _fail
+from t2diff_cli.common import parse_overrides
 from t2diff_cli.release_cmds import register as register_release_commands
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False)
@@ -25,25 +27,6 @@ register_release_commands(app)  # rebuild, promote, rollback, release status|val
 FormatOption = Annotated[
     str, typer.Option("--format", help="auto | csv | tsv | parquet | ml-1m | ml-100k")
 ]
-
-
-def _fail(message: str) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code=2)
-
-
-def _parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """``--set key=value`` pairs; values parsed as JSON when they can be (numbers, bools)."""
-    overrides: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        if not sep or not key:
-            _fail(f"--set expects key=value, got {pair!r}")
-        try:
-            overrides[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            overrides[key] = raw
-    return overrides
 
 
 @data_app.command("synth")
@@ -112,7 +95,7 @@ def train(
             DataSource(str(data.resolve()), fmt),
             out,
             model,
-            _parse_overrides(set_ or []),
+            parse_overrides(set_ or []),
             config,
             resume=resume,
         )

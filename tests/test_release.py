@@ -1,7 +1,9 @@
 """Nightly rebuild: validation, atomic promotion, rollback, pruning, failed rebuilds.
 
 Real FAISS on tiny crafted exports (2000 items x 16 dims, a one-node ONNX "tower" that
-declares its output shape); the whole file runs in seconds.
+declares its output shape, run by the real ONNX Runtime in the serving check); the whole
+file runs in seconds.  Through the CLI (``t2diff rebuild | promote | rollback``) and, at the
+end, the pipeline called directly (``release.pipeline.rebuild``, no typer).
 """
 
 from __future__ import annotations
@@ -29,8 +31,16 @@ from contracts.manifest import (
     read_manifest,
     write_manifest,
 )
-from contracts.release import (
+from index_builder import build_from_artifacts
+from release.errors import (
+    RebuildError,
+    RebuildFailed,
     ReleaseError,
+    ReleaseUsageError,
+    ValidationFailed,
+)
+from release.links import (
+    REBUILD_LOCK_FILE,
     current_links,
     current_version,
     list_versions,
@@ -38,15 +48,16 @@ from contracts.release import (
     promote,
     prune,
     read_history,
+    release_lock,
     resolve_consistent,
     resolve_current,
     rollback,
     switch_link,
 )
-from index_builder import build_from_artifacts
-from index_builder.validate import validate_release
+from release.pipeline import newest_run, rebuild
+from release.settings import RebuildSettings, ValidationThresholds
+from release.validate import serving_check, validate_release
 from t2diff_cli.main import app
-from t2diff_cli.release_cmds import RebuildError, newest_run, serving_check
 
 pytestmark = pytest.mark.usefixtures("one_omp_thread")
 
@@ -426,3 +437,98 @@ def test_newest_run_picks_the_latest_trained_model(tmp_path: Path) -> None:
         os.utime(tmp_path / "runs" / name / "model.pt", (time.time() + n, time.time() + n))
     (tmp_path / "runs" / "untrained").mkdir()
     assert newest_run(tmp_path / "runs").name == "c"
+
+
+# --------------------------------------------------------------------------- the pipeline
+
+
+def test_pipeline_rejects_a_version_failing_validation_and_promotes_nothing(
+    root: Path, tmp_path: Path
+) -> None:
+    """``release.pipeline.rebuild`` called directly: a nightly export that lost most of its
+    items (200 vs the served 2000) fails the ``item_count`` check; the error says so and
+    nothing is promoted, left on disk or locked."""
+    promote(root, "v1")
+    links_before = [os.readlink(link) for link in current_links(root)]
+    history_before = read_history(root)
+    truncated = make_export(tmp_path / "truncated", "x", n=200, seed=3)
+    lines: list[str] = []
+    settings = RebuildSettings(root=root, version="v9", artifacts=truncated)
+
+    with pytest.raises(RebuildFailed) as caught:
+        rebuild(settings, echo=lines.append)
+
+    error = caught.value
+    assert error.exit_code == 1 and error.step == "validate" and error.served == "v1"
+    assert isinstance(error.__cause__, ValidationFailed)
+    assert error.report is not None and error.report is error.__cause__.report
+    assert set(error.report.failures) == {"item_count"}
+    assert error.report.checks["serving"] == "skipped: an earlier check failed"
+    assert str(error).startswith("rebuild v9 failed, still serving v1: validation failed")
+    assert "item_count" in error.reason and error.kept == []
+    # Nothing promoted: the links, the versions on disk, the history gains one `failed` line.
+    assert [os.readlink(link) for link in current_links(root)] == links_before
+    assert current_version(root) == "v1"
+    assert not (root / "artifacts" / "v9").exists() and not (root / "indexes" / "v9").exists()
+    assert sorted(v.name for v in list_versions(root)) == ["v1", "v2"]
+    history = read_history(root)
+    assert history[: len(history_before)] == history_before
+    assert [(e["event"], e["version"]) for e in history[len(history_before) :]] == [
+        ("failed", "v9")
+    ]
+    assert any(line.split() == ["item_count", "FAILED"] for line in lines)
+    assert not any(line.startswith("promoted") for line in lines)
+
+    # The lock was released: the next night's good version goes through, the serving check
+    # (the service's own loader, real ONNX Runtime) included.
+    entry = rebuild(
+        RebuildSettings(root=root, version="v10", artifacts=root / "artifacts" / "v2"),
+        echo=lines.append,
+    )
+    assert entry["version"] == "v10" and entry["previous"] == "v1"
+    assert entry["validation"]["ok"] and current_version(root) == "v10"
+    assert entry["validation"]["checks"]["serving"].startswith("loaded by the service")
+    assert "promoted v10 (previous v1)" in lines
+
+
+def test_pipeline_keeps_a_failed_version_hidden_when_asked(root: Path) -> None:
+    promote(root, "v1")
+    settings = RebuildSettings(
+        root=root,
+        version="v9",
+        artifacts=root / "artifacts" / "v2",
+        thresholds=ValidationThresholds(min_recall=1.01),  # unreachable: recall <= 1
+        keep_failed=True,
+    )
+    with pytest.raises(RebuildFailed) as caught:
+        rebuild(settings, echo=lambda line: None)
+    assert set(caught.value.report.failures) == {"recall"}  # type: ignore[union-attr]
+    assert caught.value.kept == [root / "artifacts" / ".failed-v9", root / "indexes" / ".failed-v9"]
+    assert all(path.is_dir() for path in caught.value.kept)
+    assert current_version(root) == "v1" and "v9" not in {v.name for v in list_versions(root)}
+
+
+def test_pipeline_refuses_before_writing(root: Path) -> None:
+    """Bad settings, an existing version and a rebuild already running fail up front."""
+    promote(root, "v1")
+    history = read_history(root)
+    usage = [
+        RebuildSettings(root=root, retrain=True),  # no data
+        RebuildSettings(root=root, run=root, artifacts=root),
+        RebuildSettings(root=root, version="v2", artifacts=root / "artifacts" / "v2"),
+    ]
+    for settings in usage:
+        with pytest.raises(ReleaseUsageError) as caught:
+            rebuild(settings, echo=lambda line: None)
+        assert caught.value.exit_code == 2
+    with pytest.raises(ReleaseError, match="invalid version name"):
+        rebuild(RebuildSettings(root=root, version="../v1"), echo=lambda line: None)
+    with release_lock(root, wait=False, name=REBUILD_LOCK_FILE):
+        with pytest.raises(ReleaseError, match="another process holds") as busy:
+            rebuild(
+                RebuildSettings(root=root, version="v9", artifacts=root / "artifacts" / "v2"),
+                echo=lambda line: None,
+            )
+    assert not isinstance(busy.value, RebuildFailed)
+    assert read_history(root) == history and current_version(root) == "v1"
+    assert not (root / "artifacts" / "v9").exists()

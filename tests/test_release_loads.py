@@ -21,9 +21,9 @@ from service_fixtures import build_tiny_export, build_tiny_index
 from typer.testing import CliRunner
 
 from contracts import manifest as mf
-from contracts.release import current_version
 from index_builder.build import load_artifacts
 from index_builder.loaded import load_index
+from release.links import current_version
 from service.tower import UserTowerRunner
 from t2diff_cli.main import app
 

@@ -21,7 +21,7 @@ import pytest
 from live_server import live_server
 from service_fixtures import TINY_MODEL_VERSION, build_version, item_id
 
-from contracts.release import promote
+from release.links import promote
 from service.app import create_app
 from service.settings import Settings
 

@@ -189,8 +189,8 @@ def test_memory_is_flat_over_30_swaps(links: Path, redis_url: str) -> None:
 
 
 def test_admin_rollback_returns_to_the_previous_promotion(links: Path, redis_url: str) -> None:
-    from contracts.release import promote as release_promote
-    from contracts.release import read_history
+    from release.links import promote as release_promote
+    from release.links import read_history
 
     release_promote(links, A)
     release_promote(links, B)

@@ -36,7 +36,7 @@ log() { printf '%s bootstrap: %s\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$*"; }
 # Re-point DIR/current at VERSION atomically: a new relative symlink renamed over the old
 # one (rename(2) is atomic), so a reader never sees a missing or half-written pointer, and
 # the link stays valid wherever the volume is mounted.  The same steps as
-# contracts/release.py's switch_link, which `t2diff rebuild` / `promote` / `rollback` use;
+# release/links.py's switch_link, which `t2diff rebuild` / `promote` / `rollback` use;
 # the first of those records this bootstrap version in releases.jsonl (so a rollback can
 # return to it).  Kept in shell so this script needs no extra CLI call for it.
 point_current() {

@@ -1,17 +1,18 @@
 """Release validation: is a freshly built (artifacts, index) version fit to be served?
 
-``t2diff rebuild`` and ``t2diff promote`` call :func:`validate_release` before switching the
-``current`` links (``contracts/release.py``); any failed check keeps the served version.
-Checks, each named in the report:
+:func:`validate_version` (what ``t2diff rebuild``, ``promote`` and ``release validate`` run)
+validates ``ROOT``'s version against the served one with :func:`validate_release`, before
+anything switches the ``current`` links (:mod:`release.links`); any failed check keeps the
+served version.  Checks, each named in the report:
 
 * ``checksums``: both manifests verify (every listed file present, right size and SHA-256);
 * ``artifacts``: the export is well formed (:func:`index_builder.build.load_artifacts`:
   kinds, ids, ``num_items``/``embedding_dim`` agree with the files, no NaN/inf embedding);
 * ``index``: the index loads (:func:`index_builder.loaded.load_index`) and agrees with its
   manifest;
-* ``consistency``: index and export report the same ``model_version`` and
-  ``embedding_dim``, the index holds one vector per item and the same item ids in the same
-  order;
+* ``consistency``: the contracts' one pair check (:func:`contracts.manifest.pair_mismatches`:
+  the same ``model_version`` and ``embedding_dim``, one vector per item, the same item ids
+  in the same order);
 * ``tower_dim``: the user tower's ONNX output ``user_embedding`` has the index's dimension
   (read from the graph's declared shape; skipped with a note when the graph declares none);
 * ``item_count``: ``num_items`` within ``[min_ratio, max_ratio]`` times the previously
@@ -20,15 +21,16 @@ Checks, each named in the report:
   against exact inner-product search on ``n_queries`` queries (the export's
   ``query_embeddings.npy`` when present, else user-like sampled queries) >= ``min_recall``;
   scores returned are finite;
-* ``serving`` (only with ``serving_check``, which the ``t2diff`` commands always pass:
-  :func:`service.release_check.check_serving`): the version loads through the service's
-  own loader, every graph the manifest names (the split parts, the one-request part) opens
-  and a warm-up recall answers.  It runs after the checks above passed; this module does
-  not import the service, so index building stays light.
+* ``serving`` (only with ``serving_check``, which :func:`validate_version` always passes:
+  :func:`serving_check` -> :func:`service.release_check.check_serving`): the version loads
+  through the service's own loader, every graph the manifest names (the split parts, the
+  one-request part) opens and a warm-up recall answers.  It runs after the checks above
+  passed, and the service is imported only then.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -45,12 +47,19 @@ from contracts.manifest import (
     read_manifest,
 )
 from index_builder.build import exact_topk, load_artifacts, sample_queries
-from index_builder.loaded import load_index
+from index_builder.loaded import configure_threads, load_index
+from release.errors import RebuildError
+from release.links import artifacts_dir as version_artifacts_dir
+from release.links import current_version
+from release.links import index_dir as version_index_dir
+from release.settings import (
+    DEFAULT_MAX_RATIO,
+    DEFAULT_MIN_RATIO,
+    DEFAULT_MIN_RECALL,
+    DEFAULT_VALIDATION_QUERIES,
+    ValidationThresholds,
+)
 
-DEFAULT_MIN_RECALL = 0.9
-DEFAULT_MIN_RATIO = 0.5
-DEFAULT_MAX_RATIO = 2.0
-DEFAULT_VALIDATION_QUERIES = 200
 TOWER_OUTPUT = "user_embedding"
 
 
@@ -75,6 +84,10 @@ class ValidationReport:
 
     def reason(self) -> str:
         return "; ".join(f"{name}: {why}" for name, why in self.failures.items())
+
+    def lines(self) -> list[str]:
+        """One line per check, as the ``t2diff`` commands print them."""
+        return [f"  {name:<12} {note}" for name, note in self.checks.items()]
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -254,3 +267,39 @@ def validate_release(
             report.passed("serving", "skipped: an earlier check failed")
     report.metrics["seconds"] = round(time.perf_counter() - started, 3)
     return report
+
+
+def serving_check(artifacts: Path, index: Path) -> dict[str, Any]:
+    """The ``serving`` check: the candidate loads through the service's own loader and
+    answers a warm-up recall (``service.release_check``).  Without the serving extras it
+    fails: a version nobody checked the service can load is not promoted."""
+    try:
+        from service.release_check import check_serving
+    except ImportError as exc:
+        raise RebuildError(
+            f"cannot load the service to check the version (pip install .[serve]): {exc}"
+        ) from exc
+    return check_serving(artifacts, index)
+
+
+def validate_version(
+    root: Path, version: str, thresholds: ValidationThresholds | None = None
+) -> ValidationReport:
+    """Validate ``ROOT``'s ``version`` against the currently served one (its item count is
+    the ``item_count`` check's reference), with the serving check; returns the report."""
+    thresholds = thresholds or ValidationThresholds()
+    configure_threads(os.cpu_count() or 1)
+    current = current_version(root)
+    previous_dir = version_index_dir(root, current) if current and current != version else None
+    if previous_dir is not None and not previous_dir.is_dir():
+        previous_dir = None
+    return validate_release(
+        version_artifacts_dir(root, version),
+        version_index_dir(root, version),
+        previous_index_dir=previous_dir,
+        min_recall=thresholds.min_recall,
+        min_ratio=thresholds.min_ratio,
+        max_ratio=thresholds.max_ratio,
+        n_queries=thresholds.queries,
+        serving_check=serving_check,
+    )

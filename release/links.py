@@ -1,6 +1,8 @@
 """Release layout: versioned model + index directories and the ``current`` links that pick one.
 
-Plain Python (no FAISS, no torch), so the service can import it.  Layout under a root
+Plain Python (no FAISS, no torch) over ``contracts.manifest``, so the service can import it
+(``POST /admin/rollback`` runs :func:`rollback`; the one import of this package the layering
+contract allows the service).  Layout under a root
 (``/data`` in the containers, the working directory by default)::
 
     ROOT/
@@ -48,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from contracts.manifest import MANIFEST_NAME, atomic_write_text
+from release.errors import ReleaseError
 
 ARTIFACTS_DIRNAME = "artifacts"
 INDEXES_DIRNAME = "indexes"
@@ -59,10 +62,6 @@ REBUILD_LOCK_FILE = ".rebuild.lock"
 #: Prefix of a failed version kept for inspection (``rebuild --keep-failed``); hidden, so
 #: it is never listed as a version.
 FAILED_PREFIX = ".failed-"
-
-
-class ReleaseError(RuntimeError):
-    """A release operation cannot be done (missing version, no previous version, busy)."""
 
 
 def _now() -> str:
