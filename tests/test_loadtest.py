@@ -14,6 +14,7 @@ import json
 import math
 import os
 import random
+import re
 import subprocess
 import sys
 import textwrap
@@ -29,6 +30,9 @@ LOADTEST = ROOT / "loadtest"
 
 traffic = load_script("traffic_model", LOADTEST / "traffic_model.py")
 run_load = load_script("t2diff_run_load", LOADTEST / "run_load.py")
+# run_load put ROOT on the path; its parts are the namespace package loadtest.
+from loadtest import metrics as load_metrics  # noqa: E402
+from loadtest import steps as load_steps  # noqa: E402
 
 STATS_HEADER = (
     "Type,Name,Request Count,Failure Count,Median Response Time,Average Response Time,"
@@ -435,17 +439,17 @@ def test_plot_writes_png(tmp_path: Path) -> None:
 
 
 def test_rates_and_users() -> None:
-    assert run_load.parse_rates("10, 20,40") == [10.0, 20.0, 40.0]
+    assert load_steps.parse_rates("10, 20,40") == [10.0, 20.0, 40.0]
     for bad in ("", "10,x", "10,-1", "0"):
         with pytest.raises(ValueError):
-            run_load.parse_rates(bad)
-    assert run_load.users_for_rate(100, 1.0) == (100, 1.0)
-    assert run_load.users_for_rate(2.5, 1.0) == (3, pytest.approx(2.5 / 3))
-    assert run_load.users_for_rate(100, 4.0) == (25, 4.0)
-    users, user_rps = run_load.users_for_rate(7, 2.0)
+            load_steps.parse_rates(bad)
+    assert load_steps.users_for_rate(100, 1.0) == (100, 1.0)
+    assert load_steps.users_for_rate(2.5, 1.0) == (3, pytest.approx(2.5 / 3))
+    assert load_steps.users_for_rate(100, 4.0) == (25, 4.0)
+    users, user_rps = load_steps.users_for_rate(7, 2.0)
     assert users * user_rps == pytest.approx(7) and user_rps <= 2.0
     with pytest.raises(ValueError):
-        run_load.users_for_rate(0, 1.0)
+        load_steps.users_for_rate(0, 1.0)
 
 
 def _response(t: float, latency: float, degraded: bool | None, status: int = 200, **kw):  # type: ignore[no-untyped-def]
@@ -549,11 +553,11 @@ def test_prometheus_histograms_between_scrapes() -> None:
     before = run_load.parse_prometheus(METRICS % (10, 10, 10, 0.05, 10, 10, 10, 10, 10.0, 10))
     after = run_load.parse_prometheus(METRICS % (10, 110, 110, 1.55, 110, 60, 110, 110, 160.0, 110))
     assert before[("t2diff_batch_size_count", ())] == 10
-    stages = run_load.histogram_summary(before, after, "t2diff_stage_latency_seconds", "stage")
+    stages = load_metrics.histogram_summary(before, after, "t2diff_stage_latency_seconds", "stage")
     tower = stages["tower"]
     assert tower["count"] == 100 and tower["mean"] == pytest.approx(15.0)
     assert tower["p50"] == pytest.approx(15.0) and tower["p99"] == pytest.approx(19.9)
-    batch = run_load.histogram_summary(before, after, "t2diff_batch_size", None, scale=1.0)
+    batch = load_metrics.histogram_summary(before, after, "t2diff_batch_size", None, scale=1.0)
     assert batch["all"]["mean"] == pytest.approx(1.5) and batch["all"]["p50"] == 1.0
 
 
@@ -697,3 +701,72 @@ def test_start_local_refuses_bad_setups(tmp_path: Path) -> None:
     args = ["--start-local", "--data", str(data), "--run-time", "10s", "--out-dir", str(tmp_path)]
     assert run_load.main([*args, "--redis-outage-at", "5", "--redis-outage-s", "4"]) == 2
     assert run_load.main([*args, "--artifacts", str(tmp_path / "none")]) == 2
+
+
+# The hand-written parser load_metrics.parse_prometheus replaced (prometheus_client's own
+# parser now), kept as the reference that the replacement reads the service's text alike.
+_LEGACY_SAMPLE = re.compile(r"^([A-Za-z_:][A-Za-z0-9_:]*)(?:\{(.*)\})?\s+(\S+)")
+_LEGACY_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def _legacy_parse(text: str) -> dict:
+    samples = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        match = _LEGACY_SAMPLE.match(line)
+        if match is None:
+            continue
+        name, labels, value = match.groups()
+        pairs = tuple(sorted(_LEGACY_LABEL.findall(labels or "")))
+        samples[(name, pairs)] = float(value)
+    return samples
+
+
+def test_metrics_parse_prometheus_client_text_as_the_old_parser() -> None:
+    prometheus_client = pytest.importorskip("prometheus_client")
+    registry = prometheus_client.CollectorRegistry()
+    stage = prometheus_client.Histogram(
+        "t2diff_stage_latency_seconds", "Recall stage latency", ["stage"],
+        buckets=(0.001, 0.01, 0.02, 0.05), registry=registry,
+    )  # fmt: skip
+    batch = prometheus_client.Histogram(
+        "t2diff_batch_size", "Batch size", buckets=(1, 2, 4, 8), registry=registry
+    )
+    cache = prometheus_client.Counter(
+        "t2diff_xhat_cache", "xhat cache", ["result"], registry=registry
+    )
+    warm = prometheus_client.Gauge("t2diff_xhat_warm_sessions", "warm", registry=registry)
+
+    def scrape() -> dict:
+        text = prometheus_client.generate_latest(registry).decode()
+        parsed = load_metrics.parse_prometheus(text)
+        assert parsed == _legacy_parse(text)  # every sample, histograms and _created too
+        return parsed
+
+    stage.labels(stage="tower").observe(0.005)
+    batch.observe(1)
+    before = scrape()
+    for n in range(100):
+        stage.labels(stage="tower").observe(0.01 + n * 0.0001)  # 0.010 .. 0.0199
+        stage.labels(stage="ann").observe(0.0005)
+        batch.observe(3)
+    cache.labels(result="hit").inc(7)
+    cache.labels(result="miss").inc(3)
+    warm.set(42)
+    after = scrape()
+
+    assert (
+        after[("t2diff_stage_latency_seconds_bucket", (("le", "+Inf"), ("stage", "tower")))] == 101
+    )
+    assert after[("t2diff_xhat_cache_total", (("result", "hit"),))] == 7
+    figures = load_metrics.step_metrics(before, after)
+    stages = figures["stage_ms"]
+    assert stages["tower"]["count"] == 100 and stages["ann"]["count"] == 100
+    assert stages["tower"]["mean"] == pytest.approx(14.95)
+    assert 10 <= stages["tower"]["p50"] <= 20 and stages["ann"]["p99"] <= 1
+    assert figures["batch_size"]["count"] == 100 and figures["batch_size"]["mean"] == 3
+    assert figures["xhat_cache"] == {"hit": 7.0, "miss": 3.0}
+    assert figures["xhat_warm"]["sessions"] == 42
+    assert load_metrics.metrics_lines(figures)[1].startswith("run_load: xhat cache 7 hits")
+    assert load_metrics.metrics_lines({"error": "refused"}) == []
