@@ -55,6 +55,7 @@ COPY model/ model/
 COPY index_builder/ index_builder/
 COPY service/ service/
 COPY release/ release/
+COPY worker/ worker/
 COPY t2diff_cli/ t2diff_cli/
 RUN --mount=type=secret,id=pip_ca pip install --no-cache-dir --no-deps . \
     && pip check \
@@ -103,6 +104,7 @@ COPY model/ model/
 COPY index_builder/ index_builder/
 COPY service/ service/
 COPY release/ release/
+COPY worker/ worker/
 COPY t2diff_cli/ t2diff_cli/
 # Metadata checks only: importing the CUDA builds needs a driver the build host may lack.
 RUN --mount=type=secret,id=pip_ca pip install --no-cache-dir --no-deps . \
@@ -126,7 +128,7 @@ COPY --from=build-gpu /opt/venv /opt/venv
 
 # ---------------------------------------------------------------------------------------
 # tower-worker: the GPU sidecar that runs the user tower with torch and the fused Triton
-# kernel (model/tower_worker.py) and answers the api over a Unix socket.  torch lives in this
+# kernel (worker/server.py) and answers the api over a Unix socket.  torch lives in this
 # image only: the cpu and gpu serving images stay torch-free.  The CUDA build of torch
 # brings its own CUDA libraries and Triton; the base gives the driver-facing runtime.
 #   docker build --target tower-worker -t t2diff-recall:tower-worker .
@@ -164,19 +166,20 @@ COPY model/ model/
 COPY index_builder/ index_builder/
 COPY service/ service/
 COPY release/ release/
+COPY worker/ worker/
 COPY t2diff_cli/ t2diff_cli/
 # --no-deps: the worker needs numpy and torch (both here), not the serving or training
 # extras; numpy at the version the GPU serving image locks.
 RUN --mount=type=secret,id=pip_ca pip install --no-cache-dir --no-deps . \
     && pip install --no-cache-dir -c /tmp/serve-gpu.lock numpy \
-    && python -c "import model.tower_worker, triton" \
+    && python -c "import worker.server, triton" \
     && rm -rf /src
 WORKDIR /data
 USER 10001:10001
 # The socket lives on a volume shared with the api (deploy/docker-compose.gpu.yml).
 HEALTHCHECK --interval=10s --timeout=8s --start-period=300s --retries=3 \
-    CMD ["python", "-m", "model.tower_worker", "--ping", "--socket", "/run/t2diff/tower.sock"]
-CMD ["python", "-m", "model.tower_worker", "--artifacts", "/data/artifacts/current", \
+    CMD ["python", "-m", "worker.server", "--ping", "--socket", "/run/t2diff/tower.sock"]
+CMD ["python", "-m", "worker.server", "--artifacts", "/data/artifacts/current", \
      "--socket", "/run/t2diff/tower.sock", "--device", "cuda"]
 
 # ---------------------------------------------------------------------------------------
@@ -216,6 +219,7 @@ COPY model/ model/
 COPY index_builder/ index_builder/
 COPY service/ service/
 COPY release/ release/
+COPY worker/ worker/
 COPY t2diff_cli/ t2diff_cli/
 RUN --mount=type=secret,id=pip_ca pip install --no-cache-dir --no-deps . \
     && pip check \

@@ -43,7 +43,7 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-# The layering contract in pyproject.toml ([tool.importlinter]): cli -> release -> service ->
+# The layering contract in pyproject.toml ([tool.importlinter]): cli -> release | worker -> service ->
 # index_builder | model -> contracts; the service never imports torch or model/.
 imports: setup
 	$(VENV)/bin/lint-imports

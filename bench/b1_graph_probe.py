@@ -33,7 +33,7 @@ from contracts.manifest import USER_TOWER_FILE  # noqa: E402
 from model.base import Batch, keep_contract_inputs  # noqa: E402
 from model.export import OPSET  # noqa: E402
 from model.fast_tower import FastTower  # noqa: E402
-from model.tower_worker import load_checkpoint  # noqa: E402
+from worker.tower import load_checkpoint  # noqa: E402
 
 
 class FastTowerOneSample(FastTower):

@@ -71,7 +71,7 @@ def eager_entry(path: Path, rng: np.random.Generator) -> Timed:
     import torch  # only here: the serving path never imports it
 
     from model.base import Batch
-    from model.tower_worker import load_checkpoint
+    from worker.tower import load_checkpoint
 
     manifest, model = load_checkpoint(path)
     noise = torch.from_numpy(make_noise(manifest["noise_shape"], manifest["noise_seed"]))

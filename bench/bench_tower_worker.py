@@ -8,7 +8,7 @@ For each export (``--artifacts``, exports of ``t2diff export`` that carry ``user
    inputs already on the GPU: the kernel alone.
 2. ``worker_inproc``: the same object's ``embed`` (numpy in, copy to the GPU, replay, copy
    back): what the worker computes per request.
-3. ``worker_socket``: ``python -m model.tower_worker`` started as a process, timed from
+3. ``worker_socket``: ``python -m worker.server`` started as a process, timed from
    this process through ``service.remote_tower.TowerWorkerClient`` (what the service
    calls): frame encode, Unix socket, worker, answer.  The overhead of the socket is
    ``worker_socket - worker_inproc``.
@@ -122,7 +122,7 @@ def ort_reference(artifacts: Path, manifest: dict[str, Any]):
 def bench_export(artifacts: Path, args: argparse.Namespace, rows: Rows) -> dict[str, Any]:
     import torch
 
-    from model.tower_worker import TowerVersion
+    from worker.tower import TowerVersion
 
     manifest = read_manifest(artifacts)
     width = int(manifest["model_config"]["unet_width"])
@@ -182,7 +182,7 @@ def bench_export(artifacts: Path, args: argparse.Namespace, rows: Rows) -> dict[
 
     # 3-4: the worker process, through the service's client.
     sock = Path(tempfile.mkdtemp(prefix="t2tw-")) / "tower.sock"
-    command = [sys.executable, "-m", "model.tower_worker", "--artifacts", str(artifacts),
+    command = [sys.executable, "-m", "worker.server", "--artifacts", str(artifacts),
                "--socket", str(sock), "--device", args.device, "--precision", args.precision,
                "--num-warps", str(args.num_warps), *args.worker_args.split()]  # fmt: skip
     log_path = Path(args.out) / f"worker_w{width}.log" if args.out else Path(os.devnull)
@@ -280,7 +280,7 @@ def noop_worker(argv: list[str]) -> None:
     """Child process: ROOT's worker whose compute is a no-op (zeros of the answer's shape),
     everything else as served: frames, socket, threads, validation, version lookup.  A round
     trip to it is the overhead alone, free of the compute's own noise."""
-    from model import tower_worker
+    from worker import server, tower
 
     # sleepN: the compute waits N ms with the CPU idle, as the worker does while the GPU
     # runs the kernel (the client's core idles as long): wake-ups after an idle wait cost
@@ -292,8 +292,8 @@ def noop_worker(argv: list[str]) -> None:
             time.sleep(sleep_s)
         return np.zeros((item_seq.shape[0], self.embedding_dim), np.float32)
 
-    tower_worker.TowerVersion.embed = embed  # type: ignore[method-assign]
-    tower_worker.main(argv)
+    tower.TowerVersion.embed = embed  # type: ignore[method-assign]
+    server.main(argv)
 
 
 def overhead_client(args: argparse.Namespace) -> None:
@@ -392,7 +392,7 @@ def _overhead_cell(
     else:
         # --precision reaches the fused path (R4 timed the worker's own default without it).
         precision = ["--precision", args.precision] if compute == "fused" else []
-        command = [sys.executable, "-m", "model.tower_worker", "--path", compute, *precision,
+        command = [sys.executable, "-m", "worker.server", "--path", compute, *precision,
                    *worker_args]  # fmt: skip
     worker = subprocess.Popen(command, cwd=root, env=env)
     try:

@@ -50,7 +50,7 @@ TOWER_PARTS_FIELD = "tower_parts"
 # the service runs it for a lone xhat miss.  Named under TOWER_DIFFUSION_ONE_FIELD.
 TOWER_DIFFUSION_ONE_FILE = "user_tower_diffusion_b1.onnx"
 TOWER_DIFFUSION_ONE_FIELD = "tower_diffusion_one"
-# The trained user tower as a torch checkpoint (``model.tower_worker`` loads it to run the
+# The trained user tower as a torch checkpoint (``worker.tower`` loads it to run the
 # fused GPU kernel); the manifest names it under ``TORCH_TOWER_FIELD``.  Optional: the
 # service's ONNX path never reads it, and exports made before it existed lack it.
 TORCH_TOWER_FILE = "user_tower.pt"

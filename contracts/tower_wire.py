@@ -1,9 +1,13 @@
 """The tower worker's wire format: length-prefixed frames over a local stream socket.
 
-A GPU deployment runs the user tower in a separate process (``model.tower_worker``: torch
+A GPU deployment runs the user tower in a separate process (``worker.server``: torch
 and the fused Triton kernel) because the service must not import torch; the service's
 client is ``service.remote_tower``.  Both sides use this module (numpy and the standard
-library only).
+library only), which is why it lives in the contracts, the lowest layer: the worker
+(``worker/``, above the service) and the service's client import it from here, and neither
+imports the other's side for the bytes.  The framed reader and its busy-polling belong
+with the layout because both ends must wait for a frame the same way (the spin setting is
+one value shared by the service and the worker, see ``default_spin_us``).
 
 One frame::
 

@@ -8,7 +8,7 @@ file, so the index builder and the service refuse a corrupted or half-copied exp
 
 The trained model also goes in as a torch checkpoint (``user_tower.pt``, manifest field
 ``torch_tower``: see :func:`save_torch_tower`), so that a GPU tower worker
-(``model.tower_worker``) can run the fused kernel on exactly this version.
+(``worker.server``) can run the fused kernel on exactly this version.
 
 A T2Diff with diffusion is also exported as two parts (``contracts.tower``): the reverse
 process (``item_seq``, ``noise`` -> ``xhat``) and the attention that takes ``xhat``.  The

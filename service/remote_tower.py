@@ -1,4 +1,4 @@
-"""Client of the tower worker (``model.tower_worker``): the user tower computed by another
+"""Client of the tower worker (``worker.server``): the user tower computed by another
 process over a Unix domain socket (wire format: ``contracts.tower_wire``).
 
 Why: on a GPU the fastest correct path is the fused Triton kernel, which needs torch, and

@@ -85,7 +85,7 @@ class Settings(BaseSettings):
 
     # Where the user tower runs.  "onnx": ONNX Runtime in this process (CUDA EP when the
     # onnxruntime build has it, else CPU).  "worker": the tower worker process
-    # (`python -m model.tower_worker`, torch + the fused Triton kernel on a GPU) at
+    # (`python -m worker.server`, torch + the fused Triton kernel on a GPU) at
     # tower_worker_socket; unreachable at load = the version is not loaded.  "auto": the
     # worker when a socket is set and it answers at load time, else ONNX Runtime.
     tower_backend: Literal["auto", "onnx", "worker"] = "auto"

@@ -272,8 +272,8 @@ def serve(
     from service.observability import configure_logging
     from service.server import run
     from service.settings import Settings
-    from t2diff_cli.tower_child import MODES, Terminated
-    from t2diff_cli.tower_child import tower_worker as tower_worker_child
+    from worker.supervisor import MODES, Terminated
+    from worker.supervisor import tower_worker as tower_worker_child
 
     if tower_worker not in MODES:
         _fail(f"--tower-worker must be one of {', '.join(MODES)}, not {tower_worker!r}")

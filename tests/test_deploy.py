@@ -374,7 +374,7 @@ def test_gpu_override_runs_the_tower_worker_sidecar(gpu_override: dict[str, Any]
     assert worker["build"]["target"] == "tower-worker"
     assert worker["image"].endswith(":tower-worker")
     command = [str(part) for part in worker["command"]]
-    assert command[:3] == ["python", "-m", "model.tower_worker"]
+    assert command[:3] == ["python", "-m", "worker.server"]
     socket_path = command[command.index("--socket") + 1]
     assert command[command.index("--device") + 1] == "cuda"
     assert command[command.index("--artifacts") + 1] == "/data/artifacts/current"
@@ -1161,7 +1161,7 @@ def test_gpu_overlay_adds_the_tower_worker_sidecar() -> None:
     assert worker["restartPolicy"] == "Always"
     assert worker["image"] in {image["name"] for image in kustomization["images"]}
     command = [str(part) for part in worker["command"]]
-    assert command[:3] == ["python", "-m", "model.tower_worker"]
+    assert command[:3] == ["python", "-m", "worker.server"]
     socket_path = command[command.index("--socket") + 1]
     assert command[command.index("--device") + 1] == "cuda"
     assert command[command.index("--artifacts") + 1] == "/data/artifacts/current"

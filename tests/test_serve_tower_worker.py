@@ -32,7 +32,6 @@ from model_fixtures import perturbed_t2diff
 from service.app import create_app
 from service.remote_tower import TowerWorkerClient
 from service.settings import Settings
-from t2diff_cli import tower_child
 from t2diff_cli.local_stack import (
     file_tail,
     free_port,
@@ -40,6 +39,7 @@ from t2diff_cli.local_stack import (
     stop_process,
     wait_until_ready,
 )
+from worker import supervisor
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"dim": 16, "unet_width": 16, "max_seq_len": 13, "session_len": 4, "diffusion_steps": 3}
@@ -224,7 +224,7 @@ def test_a_worker_that_cannot_start_leaves_onnx_serving(deployment: Path, caplog
     (ONNX Runtime) and says why; its socket directory is removed."""
     settings = Settings(artifacts_dir=deployment / "artifacts" / "sv-plain")
     with caplog.at_level(logging.INFO, logger="t2diff.serve"):
-        with tower_child.tower_worker("on", settings) as serving:
+        with supervisor.tower_worker("on", settings) as serving:
             assert serving is settings and serving.tower_worker_socket is None
     assert "did not come up" in caplog.text and "serving with ONNX Runtime" in caplog.text
     [sock] = re.findall(r"tower worker started: pid \d+, socket (\S+)", caplog.text)
@@ -232,26 +232,26 @@ def test_a_worker_that_cannot_start_leaves_onnx_serving(deployment: Path, caplog
 
 
 def test_auto_starts_a_worker_only_with_torch_and_a_gpu(monkeypatch, tmp_path: Path) -> None:
-    real_cuda_gpu = tower_child.cuda_gpu
+    real_cuda_gpu = supervisor.cuda_gpu
     settings = Settings(artifacts_dir=tmp_path)
-    monkeypatch.setattr(tower_child, "torch_installed", lambda: True)
-    monkeypatch.setattr(tower_child, "cuda_gpu", lambda: (False, "no nvidia-smi"))
-    assert tower_child.decide("auto", settings)[0] is None
-    monkeypatch.setattr(tower_child, "cuda_gpu", lambda: (True, "GPU 0: H100"))
+    monkeypatch.setattr(supervisor, "torch_installed", lambda: True)
+    monkeypatch.setattr(supervisor, "cuda_gpu", lambda: (False, "no nvidia-smi"))
+    assert supervisor.decide("auto", settings)[0] is None
+    monkeypatch.setattr(supervisor, "cuda_gpu", lambda: (True, "GPU 0: H100"))
     # On a GPU the worker must use it (a CPU fallback would be slower than ONNX Runtime).
-    assert tower_child.decide("auto", settings)[0] == "cuda"
+    assert supervisor.decide("auto", settings)[0] == "cuda"
     # The settings already choose: ONNX Runtime, or a sidecar worker's socket.
     onnx = Settings(artifacts_dir=tmp_path, tower_backend="onnx")
-    assert tower_child.decide("auto", onnx)[0] is None
-    assert tower_child.decide("on", onnx)[0] is None
+    assert supervisor.decide("auto", onnx)[0] is None
+    assert supervisor.decide("on", onnx)[0] is None
     sidecar = Settings(artifacts_dir=tmp_path, tower_worker_socket=tmp_path / "s.sock")
-    assert tower_child.decide("auto", sidecar)[0] is None
-    monkeypatch.setattr(tower_child, "torch_installed", lambda: False)
-    assert tower_child.decide("auto", settings)[0] is None
-    assert tower_child.decide("on", settings)[0] == "auto"  # on: eager on a CPU
-    assert tower_child.decide("off", settings)[0] is None
+    assert supervisor.decide("auto", sidecar)[0] is None
+    monkeypatch.setattr(supervisor, "torch_installed", lambda: False)
+    assert supervisor.decide("auto", settings)[0] is None
+    assert supervisor.decide("on", settings)[0] == "auto"  # on: eager on a CPU
+    assert supervisor.decide("off", settings)[0] is None
     with pytest.raises(ValueError, match="must be one of"):
-        tower_child.decide("yes", settings)
+        supervisor.decide("yes", settings)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")
     assert real_cuda_gpu()[0] is False
 
@@ -259,7 +259,7 @@ def test_auto_starts_a_worker_only_with_torch_and_a_gpu(monkeypatch, tmp_path: P
 def test_the_serve_process_does_not_import_torch() -> None:
     """The CLI's serve path (and the child manager) stays torch-free at import time."""
     code = (
-        "import sys, t2diff_cli.main, t2diff_cli.tower_child, service.server;"
+        "import sys, t2diff_cli.main, worker.supervisor, service.server;"
         "sys.exit(1 if 'torch' in sys.modules else 0)"
     )
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
@@ -284,7 +284,7 @@ def test_the_spin_setting_reaches_the_worker_child(monkeypatch, tmp_path: Path) 
     off = Settings(artifacts_dir=tmp_path)
     assert off.tower_worker_spin_us == 0 and TowerBackend.from_settings(off).spin_us == 0
     for spin_us, want in ((None, None), (0, "0"), (1500, "1500")):
-        child = tower_child.TowerWorkerChild(tmp_path, "cpu", 1.0, spin_us)
+        child = supervisor.TowerWorkerChild(tmp_path, "cpu", 1.0, spin_us)
         try:
             command = child.command()
             got = command[command.index("--spin-us") + 1] if "--spin-us" in command else None

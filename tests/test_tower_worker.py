@@ -1,4 +1,4 @@
-"""The tower worker (``model.tower_worker``) and the service's client backend
+"""The tower worker (``worker.server``) and the service's client backend
 (``service.remote_tower``), with real parts: a tiny T2Diff exported as ``t2diff export``
 does (ONNX + the torch checkpoint), the worker as a real process on a real Unix socket,
 ONNX Runtime, FAISS and redis-server.
@@ -78,13 +78,13 @@ def export_version(out_dir: Path, model: T2Diff, version: str) -> Path:
 
 
 class Worker:
-    """``python -m model.tower_worker`` as a child process on a fresh socket."""
+    """``python -m worker.server`` as a child process on a fresh socket."""
 
     def __init__(self, artifacts: Path, *extra: str, env: dict[str, str] | None = None,
                  sock: Path | None = None) -> None:  # fmt: skip
         # A short path: AF_UNIX paths are limited to ~107 bytes (pytest's tmp paths are long).
         self.sock = sock or Path(tempfile.mkdtemp(prefix="t2tw-", dir="/tmp")) / "tower.sock"
-        command = [sys.executable, "-m", "model.tower_worker", "--artifacts", str(artifacts),
+        command = [sys.executable, "-m", "worker.server", "--artifacts", str(artifacts),
                    "--socket", str(self.sock), "--device", "cpu", *extra]  # fmt: skip
         self.proc = subprocess.Popen(
             command, cwd=ROOT, env={**os.environ, **(env or {})},
@@ -229,7 +229,7 @@ def test_tf32_steps_that_miss_parity_fall_back_to_tf32x3(deployment: Path) -> No
 def test_bad_precision_options_are_refused(
     deployment: Path, option: str, value: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from model.tower_worker import main
+    from worker.server import main
 
     sock = Path(tempfile.mkdtemp(prefix="t2tw-", dir="/tmp")) / "tower.sock"
     with pytest.raises(SystemExit) as exc:
@@ -508,7 +508,7 @@ def test_concurrent_requests_run_as_one_batch(deployment: Path) -> None:
     each gets exactly its own rows back."""
     import threading
 
-    from model.tower_worker import TowerWorker
+    from worker.tower import TowerWorker
 
     worker = TowerWorker(deployment / "artifacts" / "tw-a", "cpu")
     runner = UserTowerRunner(deployment / "artifacts" / "tw-a")
@@ -630,7 +630,7 @@ def test_wait_healthy_stops_at_an_exited_process_and_at_stop(tmp_path: Path) -> 
 
 
 def test_ping(worker: Worker, capsys: pytest.CaptureFixture[str]) -> None:
-    from model.tower_worker import ping
+    from worker.ping import ping
 
     assert ping(worker.sock) == 0
     assert "versions ['tw-a']" in capsys.readouterr().out

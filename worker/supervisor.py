@@ -1,6 +1,6 @@
 """``t2diff serve --tower-worker auto|on|off``: the tower worker as a child of the serve
 process, so that a bare ``t2diff serve`` on a GPU box computes the user tower with the fused
-kernel (``model.tower_worker``) instead of ONNX Runtime.
+kernel (``worker.server``) instead of ONNX Runtime.
 
 * ``auto`` (the default, ``T2DIFF_TOWER_WORKER``): start a worker when torch is installed
   (``importlib.util.find_spec``: this process never imports torch) and a CUDA GPU is
@@ -131,7 +131,7 @@ def _socket_dir() -> Path:
 
 
 class TowerWorkerChild:
-    """``python -m model.tower_worker`` as this process's child, restarted if it dies."""
+    """``python -m worker.server`` as this process's child, restarted if it dies."""
 
     def __init__(
         self,
@@ -159,7 +159,7 @@ class TowerWorkerChild:
 
     def command(self) -> list[str]:
         return [
-            sys.executable, "-m", "model.tower_worker",
+            sys.executable, "-m", "worker.server",
             "--artifacts", str(self.artifacts), "--socket", str(self.socket_path),
             "--device", self.device, "--allow-root", str(self.allow_root),
             "--parent-pid", str(os.getpid()),
@@ -167,7 +167,7 @@ class TowerWorkerChild:
         ]  # fmt: skip
 
     def _spawn(self) -> subprocess.Popen[bytes]:
-        # The package root on the child's path, so that ``-m model.tower_worker`` imports
+        # The package root on the child's path, so that ``-m worker.server`` imports
         # this checkout's code whatever the working directory is.
         package_root = str(Path(__file__).resolve().parents[1])
         path = os.environ.get("PYTHONPATH")
