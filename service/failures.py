@@ -12,6 +12,7 @@ import asyncio
 import time
 from collections.abc import Callable
 
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 # What a failing Redis call can raise: redis-py wraps most socket errors, but not all.
@@ -20,6 +21,14 @@ REDIS_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError, asyncio.Ti
 
 def reason_of(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
+
+
+def is_pool_exhausted(exc: BaseException) -> bool:
+    """No pooled connection freed up in time: redis-py's ``BlockingConnectionPool`` raises
+    ``ConnectionError("No connection available.")`` from its wait's ``asyncio``
+    timeout.  Redis itself may be healthy; the pool (``REDIS_MAX_CONNECTIONS``) is too
+    small for the requests in flight, so it is not a Redis failure."""
+    return isinstance(exc, RedisConnectionError) and isinstance(exc.__cause__, asyncio.TimeoutError)
 
 
 class RedisBreaker:

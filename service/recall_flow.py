@@ -23,7 +23,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from contracts.sessions import Session
 from service.batcher import MicroBatcher
 from service.core import RecallEngine, RecallItem, RecallRequest, RecallResult
-from service.failures import REDIS_ERRORS, RedisBreaker, reason_of
+from service.failures import REDIS_ERRORS, RedisBreaker, is_pool_exhausted, reason_of
 from service.observability import Metrics
 from service.sessions import SessionStore
 
@@ -184,10 +184,17 @@ class RecallFlow:
             self.breaker.failure()
             self.metrics.redis_errors.labels("read", "timeout").inc()
         except REDIS_ERRORS as exc:
-            reason = "redis_error"
-            self.breaker.failure()
-            self.metrics.redis_errors.labels("read", type(exc).__name__).inc()
-            log.warning("session read failed: %s", reason_of(exc))
+            if is_pool_exhausted(exc):
+                # Redis answers; this replica has more reads in flight than connections.
+                # Not a Redis failure: the breaker and t2diff_redis_up stay as they are.
+                reason = "redis_pool_exhausted"
+                self.metrics.redis_errors.labels("read", "pool_exhausted").inc()
+                log.warning("session read found no free Redis connection: %s", reason_of(exc))
+            else:
+                reason = "redis_error"
+                self.breaker.failure()
+                self.metrics.redis_errors.labels("read", type(exc).__name__).inc()
+                log.warning("session read failed: %s", reason_of(exc))
         stages["redis"] = time.perf_counter() - t0
         self.metrics.stage_latency.labels("redis").observe(stages["redis"])
         return session, reason

@@ -41,12 +41,14 @@ def with_flow(
     redis_url: str,
     body: Callable[[RecallFlow, SessionStore], Awaitable[T]],
     breaker: RedisBreaker | None = None,
+    **store_options: int,
 ) -> T:
     """Run ``body(flow, store)`` on a fresh event loop, the store and batcher created in it
     (as the app's lifespan does) and closed afterwards."""
 
     async def main() -> T:
-        store = SessionStore(redis_url, prefix=PREFIX, timeout_ms=1000, pool_timeout_ms=1000)
+        options = {"timeout_ms": 1000, "pool_timeout_ms": 1000, **store_options}
+        store = SessionStore(redis_url, prefix=PREFIX, **options)
         metrics = Metrics()
         batcher = MicroBatcher(1, 8, 0.0, metrics)
         batcher.start()
@@ -145,6 +147,23 @@ def test_unreachable_redis_answers_the_fallback_and_counts_a_failure(
     )
     assert answer.degraded and answer.degraded_reason in ("redis_error", "redis_timeout")
     assert breaker.is_open  # the failure was counted
+
+
+def test_exhausted_pool_is_not_a_redis_failure(engine: RecallEngine, redis_url: str) -> None:
+    breaker = RedisBreaker(failures=1, open_s=600.0)
+
+    async def body(flow: RecallFlow, store: SessionStore) -> RecallAnswer:
+        # The pool's one connection is taken (as by another request in flight), so the
+        # read finds none free within pool_timeout_ms.
+        held = await store._pool.get_connection()
+        try:
+            return await flow.recall(engine, RecallRequest("u1", 2), 5000.0)
+        finally:
+            await store._pool.release(held)
+
+    answer = with_flow(redis_url, body, breaker, max_connections=1, pool_timeout_ms=20)
+    assert answer.degraded and answer.degraded_reason == "redis_pool_exhausted"
+    assert not breaker.is_open  # Redis answered; a busy pool must not open the breaker
 
 
 def test_budget_is_cut_to_the_callers_deadline(redis_url: str) -> None:
