@@ -643,6 +643,18 @@ def test_makefile_and_ci_install_from_the_lock() -> None:
         assert f"-o requirements/{lock}" in compile_script, lock
 
 
+def test_pre_commit_hooks_run_the_make_targets_ci_runs() -> None:
+    """The pre-commit hooks are CI's own checks (make targets), so they cannot drift."""
+    config = yaml_load((ROOT / ".pre-commit-config.yaml").read_text())
+    makefile = (ROOT / "Makefile").read_text()
+    entries = [hook["entry"] for repo in config["repos"] for hook in repo["hooks"]]
+    assert entries == ["make lint", "make imports"]
+    for entry in entries:
+        target = entry.split()[1]
+        assert re.search(rf"^{target}:", makefile, flags=re.MULTILINE), target
+        assert re.search(rf"^check:.*\b{target}\b", makefile, flags=re.MULTILINE), target
+
+
 def test_build_context_matches_the_python_packages() -> None:
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     includes = pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
