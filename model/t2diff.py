@@ -375,7 +375,10 @@ class T2Diff(SequentialRecommender):
         rather than per training step (eager T-step loops are bound by kernel launches);
         the U-Net moves little within an epoch."""
         self._epoch_xhat = None
-        if not (self.config.use_diffusion and self.config.tower_xhat == "reverse"):
+        # With xhat_cuts the tower's xhat comes from windows ending at each step's random
+        # cuts, which no per-epoch table holds: preparing the window ends would be wasted.
+        cfg = self.config
+        if not (cfg.use_diffusion and cfg.tower_xhat == "reverse") or cfg.xhat_cuts > 0:
             return
         positions = torch.sort(targets).values
         noise = torch.randn(self.noise_shape, device=positions.device)

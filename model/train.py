@@ -349,9 +349,7 @@ def evaluate_run(
     dev = pick_device(device)
     run = load_run(run_dir, str(dev))
     if xhat_probe != "none":
-        if not getattr(run.model, "config", None) or not getattr(
-            run.model.config, "use_diffusion", False
-        ):
+        if not getattr(getattr(run.model, "config", None), "use_diffusion", False):
             raise ValueError(f"{run.meta['model_name']} has no diffusion to probe")
         run.model.xhat_probe = xhat_probe  # type: ignore[assignment]
     max_len = int(run.meta["model_config"]["max_seq_len"])

@@ -336,6 +336,10 @@ def test_xhat_cuts_train_the_unet_and_the_tower_and_serve_as_before() -> None:
     loss, parts = model.loss(batch)
     loss.backward()
     assert torch.isfinite(loss) and float(parts["diffusion"]) > 0
+    # the per-epoch served-xhat table is for window ends only: with cuts nothing reads it
+    reverse = perturbed_t2diff({**CUTS, "tower_xhat": "reverse"}).train()
+    reverse.prepare_epoch(lambda chunk: batch, torch.arange(len(batch.target)))
+    assert reverse._epoch_xhat is None
     assert model.unet.out.weight.grad is not None  # L_KL reaches the U-Net
     assert model.causal_pos.weight.grad is not None
     with pytest.raises(ValueError, match="xhat_cuts"):
@@ -363,8 +367,12 @@ def test_xhat_probes_serve_xhat_alone_or_a_zero_xhat(tmp_path: Path) -> None:
         TrainConfig(epochs=1, progress=False, device="cpu"),
     )
     plain = evaluate_run(run_dir, device="cpu")
+    stored = (run_dir / "metrics.json").read_bytes()
     only = evaluate_run(run_dir, device="cpu", xhat_probe="only")
     zero = evaluate_run(run_dir, device="cpu", xhat_probe="zero")
+    assert (run_dir / "metrics.json").read_bytes() == stored  # a probe never overwrites it
+    with pytest.raises(ValueError, match="xhat_probe"):
+        evaluate_run(run_dir, device="cpu", xhat_probe="half")
     assert (run_dir / "metrics-xhat-only.json").is_file()
     assert (run_dir / "metrics-xhat-zero.json").is_file()
     assert only["xhat_probe"] == "only" and plain["xhat_probe"] == "none"
